@@ -1,0 +1,1 @@
+"""Triton kernels of mechanic-fast, installed as `mechanic_fast.kernels`."""

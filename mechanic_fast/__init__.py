@@ -1,0 +1,11 @@
+"""mechanic-fast: the Mechanic learning-rate tuner for PyTorch, multi-tensor and sync-free.
+
+    from mechanic_fast import mechanize
+    opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
+"""
+
+from ._config import MechanicConfig
+from .optimizer import Mechanic, is_mechanized, mechanize
+
+__version__ = "0.1.0"
+__all__ = ["Mechanic", "MechanicConfig", "is_mechanized", "mechanize", "__version__"]

@@ -1,0 +1,43 @@
+"""The one dispatch point between the O(d) implementations: foreach (any device) and Triton."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import _foreach
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton compiles for CUDA; on other devices only its interpreter (TRITON_INTERPRET=1) runs it."""
+    if not triton_importable():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(name: str, device: torch.device) -> ModuleType:
+    """Resolve a backend name for tensors on `device`. An explicit "triton" never falls back."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_importable() else "foreach"
+    if name == "foreach":
+        return _foreach
+    if not triton_importable():
+        raise RuntimeError("backend='triton' was requested but triton cannot be imported (pip install triton)")
+    if not triton_runnable(device):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device.type} tensors: Triton compiles for CUDA only; "
+            "set TRITON_INTERPRET=1 to run its interpreter on CPU, or use backend='foreach'"
+        )
+    from . import _triton
+
+    return _triton

@@ -1,0 +1,64 @@
+"""Mechanic's options, validated once, so that a bad value fails at `mechanize` and never mid-run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+VARIANTS = ("paper", "mechanic_pytorch")
+BACKENDS = ("auto", "foreach", "triton")
+
+# Each variant's own default for s_init (see README: with 1e-8 the paper math starts far slower).
+DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
+
+
+@dataclass(frozen=True)
+class MechanicConfig:
+    s_decay: float = 0.01  # lambda in the paper
+    betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+    s_init: Optional[float] = None
+    eps: float = 1e-8
+    store_delta: bool = False
+    log_every: int = 0
+    variant: str = "paper"
+    backend: str = "auto"
+    compile: bool = False
+    ref_dtype: Optional[str] = None  # None: x_ref in the parameter's dtype; "float32": fp32 for low precision
+    skip_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        try:
+            betas = tuple(float(b) for b in self.betas)
+        except TypeError:
+            raise ValueError(f"betas must be a sequence of floats, got {self.betas!r}") from None
+        if not betas:
+            raise ValueError("betas must not be empty")
+        if not all(0.0 < b < 1.0 for b in betas):
+            raise ValueError(f"every beta must lie in (0, 1), got {betas}")
+        object.__setattr__(self, "betas", betas)
+        if self.s_init is None:
+            object.__setattr__(self, "s_init", DEFAULT_S_INIT[self.variant])
+        _check_float("s_init", self.s_init, positive=True)
+        _check_float("eps", self.eps)
+        _check_float("s_decay", self.s_decay)
+        if not isinstance(self.log_every, int) or isinstance(self.log_every, bool) or self.log_every < 0:
+            raise ValueError(f"log_every must be an integer >= 0, got {self.log_every!r}")
+        if self.ref_dtype not in (None, "float32"):
+            raise ValueError(f"ref_dtype must be None or 'float32', got {self.ref_dtype!r}")
+        for name in ("store_delta", "compile", "skip_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def _check_float(name: str, value: object, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
