@@ -67,24 +67,23 @@ def apply_update(
     x_ref: TensorList,
     delta: Optional[TensorList],
     scale: Tensor,
-    ratio: Tensor,
+    denom: Tensor,
 ) -> None:
-    """Write the mechanized parameters into ``x`` (which holds the base optimizer's result x_base).
+    """Write x = x_ref + scale * (Delta + u) into ``x``, which holds the base optimizer's result x_base.
 
-    With u = x_base - x_t (``x_copy`` holds x_t):
-    - recomputed Delta: x = x_ref + scale * ((x_t - x_ref) * ratio / scale + u)
-      = lerp(x_ref, x_t, ratio) + scale * u, where ratio = scale / (S_old + eps);
-    - stored Delta: delta += u; x = x_ref + scale * delta.
+    u = x_base - x_t (``x_copy`` holds x_t). Delta is recomputed as (x_t - x_ref) / denom with
+    denom = S_old + eps, or, when stored (``delta`` given), is advanced in place: delta += u.
+    The operations run in exactly this order (as in both reference implementations): x_t - x_ref is a
+    small difference of large numbers, so any other rounding order changes later inner products.
     ``x_copy`` is consumed (overwritten).
     """
-    torch._foreach_sub_(x, x_copy)  # u, exact for nearby values (no detour through x_ref)
+    torch._foreach_sub_(x, x_copy)  # u
     if delta is None:
-        weight = (1 - ratio).to(x_copy[0].dtype) if x_copy[0].dtype != ratio.dtype else 1 - ratio
-        torch._foreach_lerp_(x_copy, x_ref, [weight] * len(x_copy))
-        torch._foreach_mul_(x, scale)
-        torch._foreach_add_(x, x_copy)
+        torch._foreach_sub_(x_copy, x_ref)
+        torch._foreach_div_(x_copy, denom)  # Delta
+        torch._foreach_add_(x, x_copy)  # Delta + u
     else:
-        torch._foreach_add_(delta, x)
+        torch._foreach_add_(delta, x)  # Delta += u
         torch._foreach_copy_(x, delta)
-        torch._foreach_mul_(x, scale)
-        torch._foreach_add_(x, x_ref)
+    torch._foreach_mul_(x, scale)
+    torch._foreach_add_(x, x_ref)

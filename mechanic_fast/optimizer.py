@@ -205,15 +205,15 @@ class Mechanic(torch.optim.Optimizer):
                 new = tuner.update(old, tuner.inner_product(sums, scale_old, cfg), state["betas"], cfg)
 
             # 5. x = x_ref + S * (Delta + u)
-            scale = tuner.effective_scale(new, cfg).to(acc_dtype)
-            ratio = scale / (scale_old + cfg.eps).to(acc_dtype)
+            scale = tuner.effective_scale(new, cfg)
+            denom = scale_old + cfg.eps  # formed in the state's precision, as the references do
             for ((_, _), (lists, _)), copy in zip(groups.items(), copies):
                 p, r = lists[0], lists[2]
                 d = lists[3] if deltas is not None else None
                 impl = _backend.select(cfg.backend, p[0].device)
                 dev = p[0].device
                 impl.apply_update(
-                    p, copy, r, d, scale.to(dev, non_blocking=True), ratio.to(dev, non_blocking=True)
+                    p, copy, r, d, scale.to(dev, non_blocking=True), denom.to(dev, non_blocking=True)
                 )
             torch._foreach_copy_(list(old), list(new))
             state["count"].add_(1)

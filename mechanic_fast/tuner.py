@@ -65,7 +65,8 @@ def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig) -> Tensor:
     """
     grad_norm = sums[GRAD_SQ].sqrt()
     param_norm = sums[PARAM_SQ].sqrt()
-    decay = s_decay(cfg) * scale * grad_norm / (param_norm + cfg.eps)
+    # scale enters in the sums' precision (float64 for float64 parameters), as in both references
+    decay = s_decay(cfg) * scale.to(sums.dtype) * grad_norm / (param_norm + cfg.eps)
     h = sums[DELTA_GRAD] + decay * sums[DELTA_PARAM]
     if not cfg.store_delta:
         h = h / (scale + cfg.eps)

@@ -1,0 +1,72 @@
+"""Shared test problems: small models on fresh random data, with the seed in every failure message."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (printed on failure via the assertion messages that use it)."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    return value
+
+
+@dataclass
+class Problem:
+    """A least-squares-plus-tanh objective over a handful of parameter tensors."""
+
+    shapes: List[tuple]
+    data: List[torch.Tensor]
+    dtype: torch.dtype
+
+    def params(self) -> List[torch.nn.Parameter]:
+        gen = torch.Generator().manual_seed(1234)
+        return [
+            torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(self.dtype))
+            for s in self.shapes
+        ]
+
+    def loss(self, params: List[torch.Tensor], step: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=self.dtype)
+        for p, a in zip(params, self.data):
+            shift = torch.sin(a.to(self.dtype) * (step + 1))
+            total = total + ((torch.tanh(p) - shift) ** 2).sum() + 0.1 * (p * a.to(self.dtype)).sum()
+        return total
+
+    def grad_step(self, params: List[torch.Tensor], step: int) -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        loss = self.loss(params, step)
+        loss.backward()
+        return loss
+
+
+def make_problem(dtype: torch.dtype = torch.float64, shapes=((7, 5), (5,), (3, 4, 2), (11,))) -> Problem:
+    data = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    return Problem(list(shapes), data, dtype)
+
+
+@pytest.fixture
+def problem(seed) -> Problem:
+    return make_problem()
+
+
+def run(opt_factory: Callable, problem: Problem, steps: int, params=None):
+    params = problem.params() if params is None else params
+    opt = opt_factory(params)
+    for t in range(steps):
+        problem.grad_step(params, t)
+        opt.step()
+    return params, opt
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
