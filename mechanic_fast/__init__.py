@@ -1,7 +1,7 @@
 """mechanic-fast: the Mechanic learning-rate tuner for PyTorch, multi-tensor and sync-free.
 
-    from mechanic_fast import mechanize
-    opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
+from mechanic_fast import mechanize
+opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
 """
 
 from ._config import MechanicConfig

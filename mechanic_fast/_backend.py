@@ -32,7 +32,9 @@ def select(name: str, device: torch.device) -> ModuleType:
     if name == "foreach":
         return _foreach
     if not triton_importable():
-        raise RuntimeError("backend='triton' was requested but triton cannot be imported (pip install triton)")
+        raise RuntimeError(
+            "backend='triton' was requested but triton cannot be imported (pip install triton)"
+        )
     if not triton_runnable(device):
         raise RuntimeError(
             f"backend='triton' cannot run on {device.type} tensors: Triton compiles for CUDA only; "

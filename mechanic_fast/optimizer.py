@@ -66,7 +66,7 @@ class Mechanic(torch.optim.Optimizer):
         low = p.dtype in (torch.float16, torch.bfloat16)
         return torch.float32 if self._mechanic_config.ref_dtype == "float32" and low else p.dtype
 
-    def _mechanic_init_tuner(self, dtypes: "set[torch.dtype]") -> None:
+    def _mechanic_init_tuner(self, dtypes: set[torch.dtype]) -> None:
         cfg = self._mechanic_config
         device = self._mechanic_device()
         dtype = tuner.state_dtype(cfg, dtypes)
@@ -267,12 +267,18 @@ class Mechanic(torch.optim.Optimizer):
         """Validate a saved Mechanic state against this optimizer and build it on the parameters' devices,
         without touching the live state."""
         cfg = self._mechanic_config
-        for key, mine in (("variant", cfg.variant), ("betas", tuple(cfg.betas)), ("store_delta", cfg.store_delta)):
+        for key, mine in (
+            ("variant", cfg.variant),
+            ("betas", tuple(cfg.betas)),
+            ("store_delta", cfg.store_delta),
+        ):
             theirs = saved.get(key)
             if key == "betas" and theirs is not None:
                 theirs = tuple(float(b) for b in theirs)
             if theirs != mine:
-                raise ValueError(f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}")
+                raise ValueError(
+                    f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}"
+                )
         index = self._mechanic_param_index()
         fresh: Dict[str, Any] = {"x_ref": {}, "delta": {}}
         for key in ("x_ref", "delta"):
@@ -295,7 +301,9 @@ class Mechanic(torch.optim.Optimizer):
             n = len(cfg.betas)
             for name in tuner.TunerState._fields:
                 if tuple(saved[name].shape) != (n,):
-                    raise ValueError(f"checkpoint's Mechanic {name} has shape {tuple(saved[name].shape)}, expected ({n},)")
+                    raise ValueError(
+                        f"checkpoint's Mechanic {name} has shape {tuple(saved[name].shape)}, expected ({n},)"
+                    )
             fresh["tuner"] = tuner.TunerState(
                 *(saved[name].to(device=device, dtype=dtype, copy=True) for name in tuner.TunerState._fields)
             )

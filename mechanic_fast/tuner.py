@@ -27,7 +27,7 @@ class TunerState(NamedTuple):
     v: Tensor  # v_j, discounted sum of h^2
 
 
-def state_dtype(cfg: MechanicConfig, param_dtypes: "set[torch.dtype]") -> torch.dtype:
+def state_dtype(cfg: MechanicConfig, param_dtypes: set[torch.dtype]) -> torch.dtype:
     """float32, except float64 for the paper variant on float64 parameters (so it is float64-exact).
 
     The mechanic_pytorch variant always keeps float32 state, as mechanic-pytorch does.

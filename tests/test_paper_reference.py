@@ -13,17 +13,36 @@ from mechanic_fast import mechanize
 BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 
 
-def reference_trajectory(problem, Base, kwargs, steps, s_decay=0.01, s_init=1e-6, eps=1e-8, store_delta=False):
-    """Obviously-correct float64 Mechanic: Python loops, one tensor at a time, Python floats for the tuner."""
-    x = problem.params()
-    base = Base(x, **kwargs)
+def reference_trajectory(
+    problem,
+    Base,
+    kwargs,
+    steps,
+    s_decay=0.01,
+    s_init=1e-6,
+    eps=1e-8,
+    store_delta=False,
+    make_base=None,
+    frozen=(),
+    after_step=None,
+):
+    """Obviously-correct float64 Mechanic: Python loops, one tensor at a time, Python floats for the tuner.
+
+    `make_base(params)` builds the base optimizer (default `Base(params, **kwargs)`); parameters whose
+    index is in `frozen` never get a gradient.
+    """
+    all_x = problem.params()
+    base = make_base(all_x) if make_base else Base(all_x, **kwargs)
+    x = [p for i, p in enumerate(all_x) if i not in frozen]
     n = len(BETAS)
     s, r, m, v = [s_init] * n, [0.0] * n, [0.0] * n, [0.0] * n
     x_ref = [p.detach().clone() for p in x]
     stored = [torch.zeros_like(p) for p in x]
     scales = []
     for t in range(steps):
-        problem.grad_step(x, t)
+        problem.grad_step(all_x, t)
+        for i in frozen:
+            all_x[i].grad = None
         with torch.no_grad():
             S = torch.tensor(s, dtype=torch.float64).sum()
             g = [p.grad.clone() for p in x]
@@ -52,7 +71,9 @@ def reference_trajectory(problem, Base, kwargs, steps, s_decay=0.01, s_init=1e-6
                 p.copy_(x_ref[i] + S_new * new_delta)
                 stored[i] = new_delta
         scales.append(S_new.item())
-    return x, scales
+        if after_step is not None:
+            after_step(t)
+    return all_x, scales
 
 
 @pytest.mark.parametrize("store_delta", [False, True])
