@@ -31,32 +31,20 @@ def inner_products(
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
     ``x_sums`` is False) are zero.
     """
-    device = d[0].device
-    zero = torch.zeros((), device=device, dtype=acc_dtype)
     direction = torch._foreach_sub(d, d_ref) if d_ref is not None else d
-    use_x = x is not None and x_sums
-
-    # Per-tensor products, then one flat concatenation and one reduction for all dot products:
-    # torch has no foreach dot, and this keeps the op count independent of the number of tensors.
-    products: TensorList = []
-    if g is not None:
-        products += torch._foreach_mul(direction, g)
-    if use_x:
-        products += torch._foreach_mul(direction, x)
-    dots = [zero, zero]
-    if products:
-        flat = torch._chunk_cat(products, 0, 1)
-        per = flat.view(len(products) // len(d), -1).sum(dim=1, dtype=acc_dtype)
-        if g is not None and use_x:
-            dots = [per[0], per[1]]
-        elif g is not None:
-            dots = [per[0], zero]
-        else:
-            dots = [zero, per[0]]
-
-    grad_sq = torch.stack(torch._foreach_powsum(g, 2, dtype=acc_dtype)).sum() if g is not None else zero
-    param_sq = torch.stack(torch._foreach_powsum(x, 2, dtype=acc_dtype)).sum() if use_x else zero
-    sums = torch.stack([dots[0], dots[1], grad_sq, param_sq])
+    others = [t for t in (g, x if x_sums else None) if t is not None]  # [g], [x] or [g, x]
+    k = len(others)
+    flat_others = [t for tensors in others for t in tensors]
+    # torch has no foreach dot: one op forms every product, one concatenation and one reduction sum
+    # them per vector, so the op count does not depend on the number of tensors.
+    products = torch._foreach_mul(direction * k, flat_others)
+    dots = torch._chunk_cat(products, 0, 1).view(k, -1).sum(dim=1, dtype=acc_dtype)
+    squares = torch.stack(torch._foreach_powsum(flat_others, 2, dtype=acc_dtype)).view(k, -1).sum(dim=1)
+    if k == 2:
+        sums = torch.cat([dots, squares])
+    else:
+        zero = dots.new_zeros(1)
+        sums = torch.cat([dots, zero, squares, zero] if g is not None else [zero, dots, zero, squares])
     copy = torch._foreach_mul(x, 1.0) if copy_x and x is not None else None
     return sums, copy
 

@@ -48,7 +48,7 @@ class Mechanic(torch.optim.Optimizer):
         """Start Mechanic afresh: x_ref is taken from the parameters at the next step."""
         self._mechanic: Dict[str, Any] = {
             "tuner": None,  # TunerState, created at the first step on the parameters' device
-            "betas": None,
+            "const": None,  # betas on the device
             "count": None,  # steps taken, as a device tensor (no host int that compiled code would guard on)
             "x_ref": {},  # param -> reference point x_ref (x_0 in the paper)
             "delta": {},  # param -> Delta (only with store_delta=True)
@@ -71,7 +71,7 @@ class Mechanic(torch.optim.Optimizer):
         device = self._mechanic_device()
         dtype = tuner.state_dtype(cfg, dtypes)
         self._mechanic["tuner"] = tuner.initial_state(cfg, device, dtype)
-        self._mechanic["betas"] = tuner.betas_tensor(cfg, device, dtype)
+        self._mechanic["const"] = tuner.constants(cfg, device, dtype)
         self._mechanic["count"] = torch.zeros((), dtype=torch.int64, device=device)
 
     @property
@@ -177,10 +177,9 @@ class Mechanic(torch.optim.Optimizer):
                 copies.append(copy)
             sums = torch.stack(pre_sums).sum(0) if len(pre_sums) > 1 else pre_sums[0]
             old = state["tuner"]
-            scale_old = old.s.sum()
             # 2. paper: the tuner needs only g, x_t and x_ref
             if cfg.variant == "paper":
-                new = tuner.update(old, tuner.inner_product(sums, scale_old, cfg), state["betas"], cfg)
+                new, scale, denom = tuner.step(old, sums, state["const"], cfg)
 
         # 3. the base optimizer
         result = self._mechanic_base_step(closure, loss)
@@ -202,11 +201,9 @@ class Mechanic(torch.optim.Optimizer):
                     )
                     post_sums.append(s_post.to(device, non_blocking=True))
                 sums = sums + (torch.stack(post_sums).sum(0) if len(post_sums) > 1 else post_sums[0])
-                new = tuner.update(old, tuner.inner_product(sums, scale_old, cfg), state["betas"], cfg)
+                new, scale, denom = tuner.step(old, sums, state["const"], cfg)
 
-            # 5. x = x_ref + S * (Delta + u)
-            scale = tuner.effective_scale(new, cfg)
-            denom = scale_old + cfg.eps  # formed in the state's precision, as the references do
+            # 5. x = x_ref + S_new * (Delta + u)
             for ((_, _), (lists, _)), copy in zip(groups.items(), copies):
                 p, r = lists[0], lists[2]
                 d = lists[3] if deltas is not None else None
@@ -307,10 +304,10 @@ class Mechanic(torch.optim.Optimizer):
             fresh["tuner"] = tuner.TunerState(
                 *(saved[name].to(device=device, dtype=dtype, copy=True) for name in tuner.TunerState._fields)
             )
-            fresh["betas"] = tuner.betas_tensor(cfg, device, dtype)
+            fresh["const"] = tuner.constants(cfg, device, dtype)
             fresh["count"] = saved["count"].to(device=device, copy=True)
         else:
-            fresh.update(tuner=None, betas=None, count=None)
+            fresh.update(tuner=None, const=None, count=None)
         return fresh, int(saved.get("iter_count", 0))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

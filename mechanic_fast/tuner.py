@@ -9,7 +9,7 @@ backends (`_foreach`, `_triton`), which hand us the four inner products in `sums
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -46,8 +46,16 @@ def initial_state(cfg: MechanicConfig, device: torch.device, dtype: torch.dtype)
     return TunerState(s=zeros, r=zeros.clone(), m=torch.full_like(zeros, 1e-6), v=zeros.clone())
 
 
-def betas_tensor(cfg: MechanicConfig, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(cfg.betas, device=device, dtype=dtype)
+class Constants(NamedTuple):
+    """Per-run constants kept on the device (building them per step would copy from the host)."""
+
+    betas: Tensor
+    betas_sq: Tensor
+
+
+def constants(cfg: MechanicConfig, device: torch.device, dtype: torch.dtype) -> Constants:
+    betas = torch.tensor(cfg.betas, device=device, dtype=dtype)
+    return Constants(betas=betas, betas_sq=betas**2)
 
 
 def s_decay(cfg: MechanicConfig) -> float:
@@ -63,30 +71,30 @@ def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig) -> Tensor:
     `sums` holds <d, g>, <d, x>, ||g||^2, ||x||^2 where d = x_t - x_ref (so Delta = d / (S + eps)),
     or d = Delta itself when Delta is stored (store_delta=True).
     """
-    grad_norm = sums[GRAD_SQ].sqrt()
-    param_norm = sums[PARAM_SQ].sqrt()
+    delta_grad, delta_param, grad_sq, param_sq = sums.unbind()
     # scale enters in the sums' precision (float64 for float64 parameters), as in both references
-    decay = s_decay(cfg) * scale.to(sums.dtype) * grad_norm / (param_norm + cfg.eps)
-    h = sums[DELTA_GRAD] + decay * sums[DELTA_PARAM]
+    decay = s_decay(cfg) * scale.to(sums.dtype) * grad_sq.sqrt() / (param_sq.sqrt() + cfg.eps)
+    h = delta_grad + decay * delta_param
     if not cfg.store_delta:
-        h = h / (scale + cfg.eps)
+        h = h / (scale + cfg.eps)  # Delta = d / (S + eps), with S + eps in the state's precision
     return h
 
 
-def update(state: TunerState, h: Tensor, betas: Tensor, cfg: MechanicConfig) -> TunerState:
+def update(state: TunerState, h: Tensor, const: Constants, cfg: MechanicConfig) -> TunerState:
     """One tuner step from the inner product h (Algorithm 1, lines for m, v, r, W, s)."""
     s, r, m, v = state
+    betas, betas_sq = const
     n = len(cfg.betas)
     if cfg.variant == "paper":
         # optax.contrib.mechanize: h is clipped to the old m in the reward (authors' advice), m >= |h| + eps.
         m_new = torch.maximum(betas * m, h.abs() + cfg.eps)
-        v_new = betas.square() * v + h.square()
+        v_new = betas_sq * v + h * h
         r_new = betas * r - torch.clamp(h, -m, m) * s
         wealth = (cfg.s_init / n) * m_new + r_new.clamp_min(0)
     else:
         # mechanic-pytorch 0.0.1, op for op (its float32 roundings included): no clip, r stored clamped.
         m_new = torch.maximum(betas * m, h.abs())
-        v_new = v * betas**2 + h.square()
+        v_new = v * betas_sq + h.square()
         r_new = (r * betas - s * h).clamp_min(0)
         wealth = m_new * cfg.s_init / n + r_new
     s_new = wealth / (v_new.sqrt() + cfg.eps)
@@ -97,3 +105,15 @@ def effective_scale(state: TunerState, cfg: MechanicConfig) -> Tensor:
     """The S that multiplies Delta: sum(s), clamped at 0 by mechanic-pytorch (the paper's s is >= 0)."""
     total = state.s.sum()
     return total.clamp_min(0) if cfg.variant == "mechanic_pytorch" else total
+
+
+def step(
+    state: TunerState, sums: Tensor, const: Constants, cfg: MechanicConfig
+) -> Tuple[TunerState, Tensor, Tensor]:
+    """The whole scalar part of a Mechanic step: (state, inner products) -> (new state, S_new, S_old + eps).
+
+    S_new multiplies Delta + u in the parameter update; S_old + eps divides x_t - x_ref into Delta.
+    """
+    scale_old = state.s.sum()
+    new = update(state, inner_product(sums, scale_old, cfg), const, cfg)
+    return new, effective_scale(new, cfg), scale_old + cfg.eps

@@ -1,0 +1,153 @@
+"""Checkpoints: torch.save / torch.load(weights_only=True) round-trip, bit-exact resume in a fresh
+optimizer (and a fresh process), plain base checkpoints, and refusal of foreign checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_problem
+
+from mechanic_fast import mechanize
+
+
+def _build(problem, x, variant, store_delta):
+    opt = mechanize(torch.optim.AdamW, store_delta=store_delta, variant=variant)(
+        x, lr=0.02, weight_decay=0.01
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+    return opt, sched
+
+
+def _train(problem, x, opt, sched, steps, start):
+    for t in range(start, start + steps):
+        problem.grad_step(x, t)
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("variant", ["paper", "mechanic_pytorch"])
+@pytest.mark.parametrize("store_delta", [False, True])
+def test_resume_is_bit_identical(variant, store_delta, tmp_path, seed):
+    problem = make_problem(torch.float32)
+    # uninterrupted
+    x = problem.params()
+    opt, sched = _build(problem, x, variant, store_delta)
+    _train(problem, x, opt, sched, 40, 0)
+    # interrupted after 20 steps, saved to disk, resumed in fresh objects over fresh parameters
+    y = problem.params()
+    opt_a, sched_a = _build(problem, y, variant, store_delta)
+    _train(problem, y, opt_a, sched_a, 20, 0)
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {"params": [p.detach() for p in y], "opt": opt_a.state_dict(), "sched": sched_a.state_dict()}, path
+    )
+    del y, opt_a, sched_a
+
+    ckpt = torch.load(path, weights_only=True)
+    z = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt_b, sched_b = _build(problem, z, variant, store_delta)
+    opt_b.load_state_dict(ckpt["opt"])
+    sched_b.load_state_dict(ckpt["sched"])
+    _train(problem, z, opt_b, sched_b, 20, 20)
+
+    assert opt.mechanic_scale > 1e-4  # the tuner moved far from its start
+    assert torch.equal(opt.mechanic_scale, opt_b.mechanic_scale), seed
+    for a, b in zip(x, z):
+        assert torch.equal(a, b), seed
+    sd, sd_b = opt.state_dict()["mechanic"], opt_b.state_dict()["mechanic"]
+    for key in ("s", "r", "m", "v"):
+        assert torch.equal(sd[key], sd_b[key])
+    assert sd["count"].item() == sd_b["count"].item() == 40
+
+
+def test_state_dict_holds_all_mechanic_state(tmp_path):
+    problem = make_problem(torch.float32)
+    x = problem.params()
+    opt = mechanize(torch.optim.Adam, store_delta=True)(x, lr=0.01)
+    _train(problem, x, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), 3, 0)
+    sd = opt.state_dict()
+    mech = sd["mechanic"]
+    assert set(mech["x_ref"]) == set(mech["delta"]) == set(range(len(x)))
+    assert set(sd["state"]) == set(range(len(x)))  # the base's own state is untouched and complete
+    assert all("exp_avg" in s and "mechanic" not in str(list(s)) for s in sd["state"].values())
+    torch.save(sd, tmp_path / "o.pt")
+    back = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert torch.equal(back["mechanic"]["s"], mech["s"])
+
+
+def test_resume_in_a_new_process_on_the_parameters_device(tmp_path):
+    problem = make_problem(torch.float32)
+    x = problem.params()
+    opt = mechanize(torch.optim.AdamW)(x, lr=0.02)
+    _train(problem, x, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), 5, 0)
+    torch.save({"params": [p.detach() for p in x], "opt": opt.state_dict()}, tmp_path / "c.pt")
+    code = textwrap.dedent(
+        f"""
+        import torch
+        from mechanic_fast import mechanize
+        ck = torch.load({str(tmp_path / "c.pt")!r}, weights_only=True, map_location="cpu")
+        ps = [torch.nn.Parameter(p) for p in ck["params"]]
+        opt = mechanize(torch.optim.AdamW)(ps, lr=0.02)
+        opt.load_state_dict(ck["opt"])
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        torch.save([p.detach() for p in ps] + [opt.mechanic_scale], {str(tmp_path / "out.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    for p in x:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for a, b in zip(x, out[:-1]):
+        assert torch.equal(a.detach(), b)
+    assert torch.equal(opt.mechanic_scale, out[-1])
+
+
+def test_plain_base_checkpoint_starts_mechanic_from_there():
+    problem = make_problem(torch.float32)
+    x = problem.params()
+    base = torch.optim.Adam(x, lr=0.01)
+    for t in range(5):
+        problem.grad_step(x, t)
+        base.step()
+    at_switch = [p.detach().clone() for p in x]
+    opt = mechanize(torch.optim.Adam)(x, lr=0.01)
+    opt.load_state_dict(base.state_dict())
+    assert opt.state[x[0]]["step"].item() == 5  # the base's moments carried over
+    problem.grad_step(x, 5)
+    opt.step()
+    for p, p0 in zip(x, at_switch):
+        assert torch.equal(opt._mechanic["x_ref"][p], p0)  # Mechanic's reference is the switch point
+
+
+def test_foreign_checkpoint_is_refused_before_anything_changes():
+    problem = make_problem(torch.float32)
+    x = problem.params()
+    opt = mechanize(torch.optim.Adam)(x, lr=0.01)
+    for t in range(3):
+        problem.grad_step(x, t)
+        opt.step()
+    before = opt.state_dict()
+    before_s = opt._mechanic["tuner"].s.clone()
+
+    other = make_problem(torch.float32, shapes=((3, 3), (5,), (3, 4, 2), (11,)))
+    y = other.params()
+    other_opt = mechanize(torch.optim.Adam)(y, lr=0.01)
+    for t in range(2):
+        other.grad_step(y, t)
+        other_opt.step()
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(other_opt.state_dict())
+    fewer = mechanize(torch.optim.Adam)(y[:2], lr=0.01)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(fewer.state_dict())
+    with pytest.raises(ValueError, match="variant"):
+        opt.load_state_dict(mechanize(torch.optim.Adam, variant="mechanic_pytorch")(x, lr=0.01).state_dict())
+    assert torch.equal(opt._mechanic["tuner"].s, before_s)
+    assert opt.state_dict()["state"][0]["exp_avg"].shape == before["state"][0]["exp_avg"].shape
