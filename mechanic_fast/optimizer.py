@@ -16,17 +16,30 @@ Nothing in a step reads a tensor's value on the host, except on logging steps.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _backend, tuner
+from . import _backend, _distributed, tuner
 from ._config import MechanicConfig
 
 logger = logging.getLogger("mechanic_fast")
 
 _STATE_KEY = "mechanic"
+
+
+class _Group(NamedTuple):
+    """Aligned lists of local tensors on one device with one dtype, and the process groups (if any)
+    over which their sums are partial."""
+
+    params: List[Tensor]
+    grads: List[Tensor]
+    refs: List[Tensor]
+    deltas: Optional[List[Tensor]]
+    impl: ModuleType
+    reduce_over: Tuple[Any, ...]
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
@@ -43,8 +56,14 @@ class Mechanic(torch.optim.Optimizer):
         super().__init__(*args, **kwargs)
         self._mechanic_reset()
 
-    # ----------------------------------------------------------------------------------------- state
     def _mechanic_reset(self) -> None:
+        self._mechanic_reset_state()
+        # GradScaler must unscale gradients before our inner products read them, so it may not hand the
+        # scale to a fused base kernel that would unscale them only inside the base step.
+        self._step_supports_amp_scaling = False
+
+    # ----------------------------------------------------------------------------------------- state
+    def _mechanic_reset_state(self) -> None:
         """Start Mechanic afresh: x_ref is taken from the parameters at the next step."""
         self._mechanic: Dict[str, Any] = {
             "tuner": None,  # TunerState, created at the first step on the parameters' device
@@ -54,6 +73,9 @@ class Mechanic(torch.optim.Optimizer):
             "delta": {},  # param -> Delta (only with store_delta=True)
         }
         self._mechanic_log_count = 0
+        self._mechanic_compiled: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None
+        self._mechanic_acc_dtype = torch.float32
+        self.mechanic_skipped_steps = 0  # steps skipped for non-finite gradients (skip_nonfinite=True)
 
     def _mechanic_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -126,6 +148,108 @@ class Mechanic(torch.optim.Optimizer):
 
         return func(self, closure_once)
 
+    def _mechanic_groups(self, params: List[Tensor], grads: List[Tensor]) -> List[_Group]:
+        """Aligned lists of local tensors per reduction domain and device/dtype; creates x_ref (and
+        Delta) for parameters seen for the first time."""
+        cfg = self._mechanic_config
+        state = self._mechanic
+        for p in params:
+            if p not in state["x_ref"]:  # x_ref = x_t on a parameter's first step (Delta = 0)
+                state["x_ref"][p] = p.detach().to(self._mechanic_ref_dtype(p), copy=True)
+                if cfg.store_delta:
+                    state["delta"][p] = torch.zeros_like(state["x_ref"][p])
+        # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
+        domains: Dict[Tuple[Any, ...], List[int]] = {}
+        for i, p in enumerate(params):
+            domains.setdefault(_distributed.reduce_groups(p), []).append(i)
+        groups = []
+        for reduce_over, idx in domains.items():
+            lists = [
+                [_distributed.local(params[i]) for i in idx],
+                [_distributed.local(grads[i]) for i in idx],
+                [_distributed.local(state["x_ref"][params[i]]) for i in idx],
+            ]
+            if cfg.store_delta:
+                lists.append([_distributed.local(state["delta"][params[i]]) for i in idx])
+            for _, (grouped, _) in self._group_tensors_by_device_and_dtype(lists).items():
+                impl = _backend.select(cfg.backend, grouped[0][0].device)
+                deltas = grouped[3] if cfg.store_delta else None
+                groups.append(_Group(grouped[0], grouped[1], grouped[2], deltas, impl, reduce_over))
+        return groups
+
+    def _mechanic_total(self, parts: List[Tuple[Tensor, Tuple[Any, ...]]]) -> Tensor:
+        """Sum per-group sums on the tuner's device: one all-reduce per reduction domain (one in all for
+        FSDP2), never one per tensor."""
+        device = self._mechanic["tuner"].s.device
+        by_domain: Dict[Tuple[Any, ...], List[Tensor]] = {}
+        for sums, reduce_over in parts:
+            by_domain.setdefault(reduce_over, []).append(sums.to(device, non_blocking=True))
+        totals = []
+        for reduce_over, sums_list in by_domain.items():
+            total = torch.stack(sums_list).sum(0) if len(sums_list) > 1 else sums_list[0]
+            totals.append(_distributed.all_reduce(total, reduce_over))
+        return torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
+
+    def _mechanic_pre(self, groups: List[_Group]) -> Tuple[Tensor, List[Any]]:
+        """Inner products over every parameter with a gradient, and the x_t copies (before the base step,
+        so gradients need no copy)."""
+        cfg = self._mechanic_config
+        parts, copies = [], []
+        for grp in groups:
+            sums, copy = grp.impl.inner_products(
+                grp.deltas if cfg.store_delta else grp.params,
+                None if cfg.store_delta else grp.refs,
+                grp.grads,
+                grp.params,
+                acc_dtype=self._mechanic_acc_dtype,
+                x_sums=cfg.variant == "paper",  # mechanic_pytorch uses x after the base step
+                copy_x=True,
+            )
+            parts.append((sums, grp.reduce_over))
+            copies.append(copy)
+        return self._mechanic_total(parts), copies
+
+    def _mechanic_post(self, groups: List[_Group], copies: List[Any], sums: Tensor) -> None:
+        """The tuner step and x = x_ref + S_new * (Delta + u), after the base step gave x_base."""
+        cfg = self._mechanic_config
+        state = self._mechanic
+        if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
+            parts = []
+            for grp, copy in zip(groups, copies):
+                post, _ = grp.impl.inner_products(
+                    grp.deltas if cfg.store_delta else copy,
+                    None if cfg.store_delta else grp.refs,
+                    None,
+                    grp.params,
+                    acc_dtype=self._mechanic_acc_dtype,
+                )
+                parts.append((post, grp.reduce_over))
+            sums = sums + self._mechanic_total(parts)
+        old = state["tuner"]
+        new, scale, denom = tuner.step(old, sums, state["const"], cfg)
+        for grp, copy in zip(groups, copies):
+            device = grp.params[0].device
+            grp.impl.apply_update(
+                grp.params,
+                copy,
+                grp.refs,
+                grp.deltas,
+                scale.to(device, non_blocking=True),
+                denom.to(device, non_blocking=True),
+            )
+        torch._foreach_copy_(list(old), list(new))
+        state["count"].add_(1)
+
+    def _mechanic_fns(self) -> Tuple[Callable[..., Any], Callable[..., Any]]:
+        if not self._mechanic_config.compile:
+            return self._mechanic_pre, self._mechanic_post
+        if self._mechanic_compiled is None:  # compiled lazily, once per optimizer
+            self._mechanic_compiled = (
+                torch.compile(self._mechanic_pre, fullgraph=True),
+                torch.compile(self._mechanic_post, fullgraph=True),
+            )
+        return self._mechanic_compiled
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One mechanized step. Returns the closure's loss when a closure is given."""
         loss = None
@@ -138,86 +262,39 @@ class Mechanic(torch.optim.Optimizer):
             return self._mechanic_base_step(closure, loss)
 
         state = self._mechanic
-        new_refs = [p for p in params if p not in state["x_ref"]]
-        if state["tuner"] is None:
+        fresh_tuner = state["tuner"] is None
+        known = set(state["x_ref"]) if cfg.skip_nonfinite else None
+        if fresh_tuner:
             self._mechanic_init_tuner({p.dtype for p in params})
-        if new_refs:  # x_ref = x_t on a parameter's first step (Delta = 0)
-            with torch.no_grad():
-                for p in new_refs:
-                    state["x_ref"][p] = p.detach().to(self._mechanic_ref_dtype(p), copy=True)
-                    if cfg.store_delta:
-                        state["delta"][p] = torch.zeros_like(state["x_ref"][p])
-
-        refs = [state["x_ref"][p] for p in params]
-        deltas = [state["delta"][p] for p in params] if cfg.store_delta else None
-        acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        groups = self._group_tensors_by_device_and_dtype(
-            [params, grads, refs] + ([deltas] if deltas is not None else [])
+        self._mechanic_acc_dtype = (
+            torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         )
-        device = state["tuner"].s.device
-
+        pre, post = self._mechanic_fns()
         with torch.no_grad():
-            # 1. inner products and the x_t copy, per device/dtype group
-            pre_sums = []
-            copies = []
-            for (_, _), (lists, _) in groups.items():
-                p, g, r = lists[0], lists[1], lists[2]
-                d = lists[3] if deltas is not None else None
-                impl = _backend.select(cfg.backend, p[0].device)
-                sums, copy = impl.inner_products(
-                    d if d is not None else p,
-                    None if d is not None else r,
-                    g,
-                    p,
-                    acc_dtype=acc_dtype,
-                    x_sums=cfg.variant == "paper",
-                    copy_x=True,
-                )
-                pre_sums.append(sums.to(device, non_blocking=True))
-                copies.append(copy)
-            sums = torch.stack(pre_sums).sum(0) if len(pre_sums) > 1 else pre_sums[0]
-            old = state["tuner"]
-            # 2. paper: the tuner needs only g, x_t and x_ref
-            if cfg.variant == "paper":
-                new, scale, denom = tuner.step(old, sums, state["const"], cfg)
+            groups = self._mechanic_groups(params, grads)
+            sums, copies = pre(groups)
+            # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite.
+            if cfg.skip_nonfinite and not bool(torch.isfinite(sums).all()):
+                self._mechanic_undo_new(known, fresh_tuner)
+                self.mechanic_skipped_steps += 1
+                return loss
 
-        # 3. the base optimizer
         result = self._mechanic_base_step(closure, loss)
-
         with torch.no_grad():
-            # 4. mechanic_pytorch: its weight-decay term uses the parameters after the base step
-            if cfg.variant == "mechanic_pytorch":
-                post_sums = []
-                for ((_, _), (lists, _)), copy in zip(groups.items(), copies):
-                    p, r = lists[0], lists[2]
-                    d = lists[3] if deltas is not None else None
-                    impl = _backend.select(cfg.backend, p[0].device)
-                    s_post, _ = impl.inner_products(
-                        d if d is not None else copy,
-                        None if d is not None else r,
-                        None,
-                        p,
-                        acc_dtype=acc_dtype,
-                    )
-                    post_sums.append(s_post.to(device, non_blocking=True))
-                sums = sums + (torch.stack(post_sums).sum(0) if len(post_sums) > 1 else post_sums[0])
-                new, scale, denom = tuner.step(old, sums, state["const"], cfg)
-
-            # 5. x = x_ref + S_new * (Delta + u)
-            for ((_, _), (lists, _)), copy in zip(groups.items(), copies):
-                p, r = lists[0], lists[2]
-                d = lists[3] if deltas is not None else None
-                impl = _backend.select(cfg.backend, p[0].device)
-                dev = p[0].device
-                impl.apply_update(
-                    p, copy, r, d, scale.to(dev, non_blocking=True), denom.to(dev, non_blocking=True)
-                )
-            torch._foreach_copy_(list(old), list(new))
-            state["count"].add_(1)
+            post(groups, copies, sums)
 
         if cfg.log_every > 0:
             self._mechanic_log()
         return loss if closure is not None else result
+
+    def _mechanic_undo_new(self, known: set[Tensor], fresh_tuner: bool) -> None:
+        """Forget what a skipped step created, so that it leaves no trace."""
+        state = self._mechanic
+        for p in [p for p in state["x_ref"] if p not in known]:
+            del state["x_ref"][p]
+            state["delta"].pop(p, None)
+        if fresh_tuner:
+            state.update(tuner=None, const=None, count=None)
 
     @torch._dynamo.disable
     def _mechanic_log(self) -> None:
@@ -318,9 +395,23 @@ class Mechanic(torch.optim.Optimizer):
         parsed = self._mechanic_parse(saved) if saved is not None else None
         super().load_state_dict(base_sd)
         if parsed is None:
-            self._mechanic_reset()
+            self._mechanic_reset_state()
         else:
             self._mechanic, self._mechanic_log_count = parsed
+
+
+def _mechanize_instance(
+    opt: torch.optim.Optimizer, cfg: MechanicConfig, log_func: Optional[Callable[[Dict[str, Any]], Any]]
+) -> torch.optim.Optimizer:
+    """Mechanize an existing optimizer in place, keeping its state: Mechanic starts from the current
+    parameters at the next step."""
+    if is_mechanized(opt):
+        raise TypeError(f"{type(opt).__name__} is already mechanized")
+    kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    opt.__class__ = mechanize(type(opt), log_func=log_func, **kwargs)
+    opt._mechanic_reset()  # type: ignore[attr-defined]
+    opt._patch_step_function()  # so step hooks wrap the mechanized step
+    return opt
 
 
 def is_mechanized(opt: Any) -> bool:
@@ -363,8 +454,12 @@ def mechanize(
     )
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
+    if isinstance(Base, torch.optim.Optimizer):
+        return _mechanize_instance(Base, cfg, log_func)
     if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
-        raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass, got {Base!r}")
+        raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
+    if issubclass(Base, Mechanic):
+        raise TypeError(f"{Base.__name__} is already mechanized")
     return type(
         f"Mechanized{Base.__name__}",
         (Mechanic, Base),
