@@ -16,6 +16,7 @@ Nothing in a step reads a tensor's value on the host, except on logging steps.
 from __future__ import annotations
 
 import logging
+import warnings
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -265,7 +266,16 @@ class Mechanic(torch.optim.Optimizer):
         fresh_tuner = state["tuner"] is None
         known = set(state["x_ref"]) if cfg.skip_nonfinite else None
         if fresh_tuner:
-            self._mechanic_init_tuner({p.dtype for p in params})
+            dtypes = {p.dtype for p in params}
+            self._mechanic_init_tuner(dtypes)
+            if not cfg.store_delta and dtypes & {torch.float16, torch.bfloat16}:
+                warnings.warn(
+                    "Mechanic on float16/bfloat16 parameters needs store_delta=True: recomputing Delta "
+                    "as (x - x_ref) / S loses it while S * Delta is below the parameters' resolution, "
+                    "and the scale then cannot grow. Add ref_dtype='float32' to keep x_ref and Delta "
+                    "in float32.",
+                    stacklevel=2,
+                )
         self._mechanic_acc_dtype = (
             torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         )

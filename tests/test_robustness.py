@@ -1,0 +1,243 @@
+"""Mixed precision, AMP, non-finite gradients, bad input, and mechanizing an existing optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechanic_fast import _foreach, mechanize
+
+
+def _state_snapshot(opt):
+    """Every tensor of the base's and Mechanic's state, cloned, in a comparable structure."""
+    sd = opt.state_dict()
+    flat = {}
+
+    def walk(prefix, obj):
+        if torch.is_tensor(obj):
+            flat[prefix] = obj.detach().clone()
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+        else:
+            flat[prefix] = obj
+
+    walk("", sd)
+    return flat
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _regression(dtype, steps, seed=0, lr=1e-3, **options):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(dtype)
+    x = torch.randn(256, 16)
+    y = torch.sin(x.sum(1, keepdim=True))
+    opt = mechanize(torch.optim.AdamW, **options)(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(x.to(dtype)).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, opt
+
+
+# ------------------------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sums_accumulate_in_float32(dtype):
+    # 2**17 + 3 ones: a bfloat16/float16 running sum would stall at 256 / 2048 (or overflow)
+    shapes = [(2**16,), (1,), (2**15 + 2,), (2**7, 2**7), (2**14,)]
+    d = [torch.full(s, 2.0, dtype=dtype) for s in shapes]
+    r = [torch.ones(s, dtype=dtype) for s in shapes]
+    g = [torch.ones(s, dtype=dtype) for s in shapes]
+    n = sum(t.numel() for t in g)
+    sums, copy = _foreach.inner_products(d, r, g, d, acc_dtype=torch.float32, copy_x=True)
+    assert sums.dtype == torch.float32
+    assert sums.tolist() == [n, 2 * n, n, 4 * n]
+    assert all(torch.equal(c, x) and c.dtype == dtype for c, x in zip(copy, d))
+
+
+def test_bfloat16_model_tracks_the_float32_run():
+    """bfloat16 parameters (x_ref and Delta in float32) follow the float32 run of the same model.
+
+    What remains is bfloat16's own rounding of the forward pass and of the base step, which any
+    bfloat16 training has; Mechanic's part (sums, scalars, x_ref, Delta) is float32.
+    """
+    ref_losses, ref_opt = _regression(torch.float32, 200, lr=1e-2)
+    losses, opt = _regression(torch.bfloat16, 200, lr=1e-2, store_delta=True, ref_dtype="float32")
+    assert ref_losses[-1] < 0.5 * ref_losses[0]  # it learned
+    deviation = [abs(a - b) / b for a, b in zip(losses, ref_losses)]
+    assert sum(deviation) / len(deviation) < 0.1 and max(deviation) < 0.3, deviation
+    assert abs(losses[-1] - ref_losses[-1]) <= 0.2 * ref_losses[-1], (losses[-1], ref_losses[-1])
+    ratio = (opt.mechanic_scale / ref_opt.mechanic_scale).item()
+    assert 0.67 < ratio < 1.5, ratio
+    ref = next(iter(opt._mechanic["x_ref"].values()))
+    assert ref.dtype == torch.float32 and opt._mechanic["tuner"].s.dtype == torch.float32
+    assert next(iter(opt._mechanic["delta"].values())).dtype == torch.float32
+
+
+def test_low_precision_without_store_delta_warns():
+    with pytest.warns(UserWarning, match="store_delta=True"):
+        _regression(torch.bfloat16, 2)
+
+
+# ------------------------------------------------------------------------------------------------ AMP
+def test_grad_scaler_gives_the_unscaled_result_and_skips_inf_steps():
+    def train(use_scaler, inf_at=()):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        x, y = torch.randn(64, 8), torch.randn(64, 3)
+        for t in range(30):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            if use_scaler:
+                scaler.scale(loss).backward()
+                if t in inf_at:
+                    model.weight.grad[0, 0] = float("inf")
+                    before = (_state_snapshot(opt), [p.detach().clone() for p in model.parameters()])
+                scaler.step(opt)
+                scaler.update()
+                if t in inf_at:
+                    _assert_same_state(before[0], _state_snapshot(opt))
+                    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
+            else:
+                loss.backward()
+                if t not in inf_at:
+                    opt.step()
+        return [p.detach() for p in model.parameters()], opt
+
+    plain, plain_opt = train(False, inf_at=(5, 17))
+    scaled, scaled_opt = train(True, inf_at=(5, 17))
+    assert plain_opt.mechanic_scale > 1e-5
+    assert torch.equal(plain_opt.mechanic_scale, scaled_opt.mechanic_scale)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_base_under_grad_scaler_sees_unscaled_gradients():
+    opt = mechanize(torch.optim.Adam)([torch.nn.Parameter(torch.zeros(3))], lr=0.1, fused=True)
+    assert opt._step_supports_amp_scaling is False  # the scaler unscales before our inner products
+
+
+# -------------------------------------------------------------------------------- non-finite gradients
+@pytest.mark.parametrize("first_step", [True, False])
+def test_skip_nonfinite_leaves_everything_untouched(first_step):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = mechanize(torch.optim.Adam, skip_nonfinite=True)(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+    if not first_step:
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    before = _state_snapshot(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    model.bias.grad[1] = float("nan")
+    opt.step()
+    _assert_same_state(before, _state_snapshot(opt))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert opt.mechanic_skipped_steps == 1
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()  # a finite step goes through afterwards
+    assert not torch.equal(params[0], model.weight.detach())
+    assert opt.mechanic_skipped_steps == 1
+
+
+def test_default_nonfinite_gradient_propagates_like_the_base_optimizer():
+    """Documented default: no check (it would cost a host sync); NaN reaches parameters and state."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = mechanize(torch.optim.SGD)([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    p.grad = torch.tensor([1.0, float("nan"), 1.0])
+    opt.step()
+    assert torch.isnan(p).all() and torch.isnan(opt.mechanic_scale)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(s_init=0.0), "s_init"),
+        (dict(s_init=-1e-8), "s_init"),
+        (dict(betas=()), "betas"),
+        (dict(betas=(0.9, 1.0)), "beta"),
+        (dict(betas=(0.0,)), "beta"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(s_decay=-0.1), "s_decay"),
+        (dict(variant="optax"), "variant"),
+        (dict(backend="cuda"), "backend"),
+        (dict(log_every=-1), "log_every"),
+        (dict(eps=float("nan")), "eps"),
+    ],
+)
+def test_invalid_options_raise_value_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        mechanize(torch.optim.SGD, **options)
+
+
+@pytest.mark.parametrize("not_an_optimizer", [int, "SGD", None, torch.nn.Linear])
+def test_non_optimizer_raises_type_error(not_an_optimizer):
+    with pytest.raises(TypeError, match="Optimizer"):
+        mechanize(not_an_optimizer)
+
+
+def test_sparse_gradients_are_refused_before_anything_changes():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = mechanize(torch.optim.SGD)(emb.parameters(), lr=0.1)
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(before, emb.weight) and not opt._mechanic["x_ref"] and opt._mechanic["tuner"] is None
+
+
+def test_complex_parameters_are_refused_clearly():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = mechanize(torch.optim.Adam)([p], lr=0.1)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="complex"):
+        opt.step()
+
+
+# ------------------------------------------------------------------------- mechanizing an instance
+def test_mechanize_an_instance_in_place_keeps_its_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    exp_avg = opt.state[model.weight]["exp_avg"].clone()
+    same = mechanize(opt, s_decay=0.0)
+    assert same is opt and isinstance(opt, torch.optim.Adam)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
+    posts = []
+    opt.register_step_post_hook(lambda *a: posts.append(1))
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+    assert posts == [1] and opt._mechanic_config.s_decay == 0.0
+    assert opt.mechanic_scale.item() == pytest.approx(1e-6, rel=1e-3)  # Mechanic starts here
+    with pytest.raises(TypeError, match="already mechanized"):
+        mechanize(opt)
