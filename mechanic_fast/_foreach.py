@@ -39,7 +39,9 @@ def inner_products(
     # them per vector, so the op count does not depend on the number of tensors.
     products = torch._foreach_mul(direction * k, flat_others)
     dots = torch._chunk_cat(products, 0, 1).view(k, -1).sum(dim=1, dtype=acc_dtype)
-    squares = torch.stack(torch._foreach_powsum(flat_others, 2, dtype=acc_dtype)).view(k, -1).sum(dim=1)
+    # (_foreach_powsum would skip the square root, but torch.compile cannot trace it)
+    norms = torch.stack(torch._foreach_norm(flat_others, 2, dtype=acc_dtype)).view(k, -1)
+    squares = norms.square().sum(dim=1)
     if k == 2:
         sums = torch.cat([dots, squares])
     else:

@@ -25,6 +25,7 @@ class Problem:
     shapes: List[tuple]
     data: List[torch.Tensor]
     dtype: torch.dtype
+    stationary: bool = False  # False: the target moves every step (a harder, non-stationary problem)
 
     def params(self) -> List[torch.nn.Parameter]:
         gen = torch.Generator().manual_seed(1234)
@@ -36,7 +37,7 @@ class Problem:
     def loss(self, params: List[torch.Tensor], step: int) -> torch.Tensor:
         total = torch.zeros((), dtype=self.dtype)
         for p, a in zip(params, self.data):
-            shift = torch.sin(a.to(self.dtype) * (step + 1))
+            shift = torch.sin(a.to(self.dtype) * (1 if self.stationary else step + 1))
             total = total + ((torch.tanh(p) - shift) ** 2).sum() + 0.1 * (p * a.to(self.dtype)).sum()
         return total
 
@@ -48,9 +49,11 @@ class Problem:
         return loss
 
 
-def make_problem(dtype: torch.dtype = torch.float64, shapes=((7, 5), (5,), (3, 4, 2), (11,))) -> Problem:
+def make_problem(
+    dtype: torch.dtype = torch.float64, shapes=((7, 5), (5,), (3, 4, 2), (11,)), stationary: bool = False
+) -> Problem:
     data = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    return Problem(list(shapes), data, dtype)
+    return Problem(list(shapes), data, dtype, stationary)
 
 
 @pytest.fixture

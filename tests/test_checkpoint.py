@@ -32,7 +32,7 @@ def _train(problem, x, opt, sched, steps, start):
 @pytest.mark.parametrize("variant", ["paper", "mechanic_pytorch"])
 @pytest.mark.parametrize("store_delta", [False, True])
 def test_resume_is_bit_identical(variant, store_delta, tmp_path, seed):
-    problem = make_problem(torch.float32)
+    problem = make_problem(torch.float32, stationary=True)
     # uninterrupted
     x = problem.params()
     opt, sched = _build(problem, x, variant, store_delta)
@@ -54,7 +54,7 @@ def test_resume_is_bit_identical(variant, store_delta, tmp_path, seed):
     sched_b.load_state_dict(ckpt["sched"])
     _train(problem, z, opt_b, sched_b, 20, 20)
 
-    assert opt.mechanic_scale > 1e-4  # the tuner moved far from its start
+    assert opt.mechanic_scale > 1e-3  # the tuner moved far from its start
     assert torch.equal(opt.mechanic_scale, opt_b.mechanic_scale), seed
     for a, b in zip(x, z):
         assert torch.equal(a, b), seed
