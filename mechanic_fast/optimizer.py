@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _backend, _distributed, tuner
 from ._config import MechanicConfig
@@ -52,6 +53,8 @@ class Mechanic(torch.optim.Optimizer):
 
     _mechanic_config: MechanicConfig
     _mechanic_log_func: Callable[[Dict[str, Any]], Any]
+    _mechanic_base_step_fn: Callable[..., Any]
+    _mechanic_base_sets_grad_mode: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,9 +136,15 @@ class Mechanic(torch.optim.Optimizer):
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """Run the base optimizer's own step, bypassing its step hooks (ours already fire around this)."""
-        func = super().step.__func__  # type: ignore[attr-defined]
-        if getattr(func, "hooked", False):
-            func = func.__wrapped__
+        func = self._mechanic_base_step_fn
+        if self._mechanic_base_sets_grad_mode:  # what torch's _use_grad_for_differentiable would do
+            with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
+                return self._mechanic_call_base(func, closure, loss)
+        return self._mechanic_call_base(func, closure, loss)
+
+    def _mechanic_call_base(
+        self, func: Callable[..., Any], closure: Optional[Callable[[], Any]], loss: Any
+    ) -> Any:
         if closure is None:
             return func(self)
         calls = 0
@@ -238,7 +247,10 @@ class Mechanic(torch.optim.Optimizer):
                 scale.to(device, non_blocking=True),
                 denom.to(device, non_blocking=True),
             )
-        torch._foreach_copy_(list(old), list(new))
+        # Commit in place (stable addresses for CUDA graphs). Not one _foreach_copy_: inductor (torch
+        # 2.13) fuses it so that r_new reads the already-overwritten s; see test_compile.py.
+        for buf, value in zip(old, new):
+            buf.copy_(value)
         state["count"].add_(1)
 
     def _mechanic_fns(self) -> Tuple[Callable[..., Any], Callable[..., Any]]:
@@ -424,6 +436,21 @@ def _mechanize_instance(
     return opt
 
 
+# torch's `_use_grad_for_differentiable` wrapper, recognised by its code object.
+_USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
+
+
+def _unwrapped(step: Callable[..., Any]) -> Tuple[Callable[..., Any], bool]:
+    """The base's own step, resolved once per class: without torch's step-hook wrapper (ours fires
+    around the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks would
+    split a compiled mechanized step in three; we apply its grad mode ourselves (second value True)."""
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    if getattr(step, "__code__", None) is _USE_GRAD_CODE:
+        return step.__wrapped__, True
+    return step, False
+
+
 def is_mechanized(opt: Any) -> bool:
     return isinstance(opt, Mechanic)
 
@@ -470,12 +497,15 @@ def mechanize(
         raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
     if issubclass(Base, Mechanic):
         raise TypeError(f"{Base.__name__} is already mechanized")
+    base_step, sets_grad_mode = _unwrapped(Base.step)
     return type(
         f"Mechanized{Base.__name__}",
         (Mechanic, Base),
         {
             "_mechanic_config": cfg,
             "_mechanic_log_func": staticmethod(log_func or _default_log_func),
+            "_mechanic_base_step_fn": staticmethod(base_step),
+            "_mechanic_base_sets_grad_mode": sets_grad_mode,
             "__qualname__": f"Mechanized{Base.__name__}",
         },
     )
