@@ -1,0 +1,111 @@
+"""Triton kernels for Mechanic's O(d) work, over whole lists of tensors in one launch each.
+
+Multi-tensor layout: a per-tensor table of raw addresses and sizes (int64), and a per-block table
+(tensor index, first element) so that every program handles BLOCK elements of one tensor, whatever the
+tensors' sizes. Pointers are rebuilt from the addresses with `.to(tl.pointer_type(...))`.
+
+`inner_products_kernel` writes one row of 4 partial sums per block; the caller reduces the rows in a
+fixed order (no float atomics, so the same inputs give the same bits). Math is in ACC (float32 for
+fp32/bf16/fp16 inputs, float64 for float64).
+"""
+
+import triton
+import triton.language as tl
+
+# columns of the per-tensor table of inner_products_kernel
+IP_D, IP_D_REF, IP_G, IP_X, IP_COPY, IP_NUMEL, IP_COLS = range(7)
+# columns of the per-tensor table of apply_update_kernel
+UP_X, UP_COPY, UP_REF, UP_DELTA, UP_NUMEL, UP_COLS = range(6)
+
+
+@triton.jit
+def _block(blocks_ptr, table_ptr, COLS: tl.constexpr, NUMEL_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor row in the table, its element offsets and their mask."""
+    pid = tl.program_id(0)
+    tensor = tl.load(blocks_ptr + 2 * pid)
+    start = tl.load(blocks_ptr + 2 * pid + 1)
+    row = table_ptr + tensor * COLS
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < tl.load(row + NUMEL_COL)
+    return row, offs, mask
+
+
+@triton.jit
+def _load(row, col: tl.constexpr, ty: tl.constexpr, offs, mask, acc: tl.constexpr):
+    ptr = tl.load(row + col).to(tl.pointer_type(ty))
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(acc)
+
+
+@triton.jit
+def inner_products_kernel(
+    blocks_ptr,
+    table_ptr,
+    partial_ptr,
+    D_TY: tl.constexpr,
+    REF_TY: tl.constexpr,
+    X_TY: tl.constexpr,
+    ACC: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_G: tl.constexpr,
+    X_SUMS: tl.constexpr,
+    COPY_X: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Partial [<d, g>, <d, x>, ||g||^2, ||x||^2] of one block, with d = d - d_ref; optional copy of x."""
+    row, offs, mask = _block(blocks_ptr, table_ptr, IP_COLS, IP_NUMEL, BLOCK)
+    d = _load(row, IP_D, D_TY, offs, mask, ACC)
+    if HAS_REF:
+        d = d - _load(row, IP_D_REF, REF_TY, offs, mask, ACC)
+    dg = tl.sum(d * 0.0, axis=0)
+    gg = dg
+    dx = dg
+    xx = dg
+    if HAS_G:
+        g = _load(row, IP_G, X_TY, offs, mask, ACC)
+        dg = tl.sum(d * g, axis=0)
+        gg = tl.sum(g * g, axis=0)
+    if X_SUMS or COPY_X:
+        x_ptr = tl.load(row + IP_X).to(tl.pointer_type(X_TY))
+        x_raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if X_SUMS:
+            x = x_raw.to(ACC)
+            dx = tl.sum(d * x, axis=0)
+            xx = tl.sum(x * x, axis=0)
+        if COPY_X:
+            copy_ptr = tl.load(row + IP_COPY).to(tl.pointer_type(X_TY))
+            tl.store(copy_ptr + offs, x_raw, mask=mask)
+    out = partial_ptr + tl.program_id(0) * 4
+    tl.store(out, dg)
+    tl.store(out + 1, dx)
+    tl.store(out + 2, gg)
+    tl.store(out + 3, xx)
+
+
+@triton.jit
+def apply_update_kernel(
+    blocks_ptr,
+    table_ptr,
+    scale_ptr,
+    denom_ptr,
+    X_TY: tl.constexpr,
+    REF_TY: tl.constexpr,
+    ACC: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """x = x_ref + scale * (Delta + u), u = x - x_copy; Delta = (x_copy - x_ref) / denom, or stored
+    (then Delta += u in place). Same operation order as the foreach implementation."""
+    row, offs, mask = _block(blocks_ptr, table_ptr, UP_COLS, UP_NUMEL, BLOCK)
+    scale = tl.load(scale_ptr).to(ACC)
+    x_ptr = tl.load(row + UP_X).to(tl.pointer_type(X_TY))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x_t = _load(row, UP_COPY, X_TY, offs, mask, ACC)
+    ref = _load(row, UP_REF, REF_TY, offs, mask, ACC)
+    u = x - x_t
+    if HAS_DELTA:
+        delta_ptr = tl.load(row + UP_DELTA).to(tl.pointer_type(REF_TY))
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(ACC) + u
+        tl.store(delta_ptr + offs, delta.to(REF_TY, fp_downcast_rounding="rtne"), mask=mask)
+    else:
+        delta = (x_t - ref) / tl.load(denom_ptr).to(ACC) + u
+    tl.store(x_ptr + offs, (delta * scale + ref).to(X_TY, fp_downcast_rounding="rtne"), mask=mask)

@@ -1,0 +1,182 @@
+"""Mechanic's O(d) work with Triton kernels: the same contract as `_foreach`, one launch per call.
+
+`inner_products` makes one pass over d, d_ref, g and x (writing the x_t copy in the same pass), and
+`apply_update` one pass over x, the copy, x_ref (and Delta). The copy is one flat buffer (`FlatCopy`)
+that only these two functions read. Tensors must be contiguous; a call with a non-contiguous tensor
+runs the foreach implementation instead (the results are the same; it is only slower).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _foreach
+from .kernels import inner_products as kernels
+
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def _block_size() -> int:
+    # the interpreter runs blocks one by one in numpy: fewer, larger blocks are faster there
+    return 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
+
+
+class FlatCopy:
+    """The x_t copy of a list of tensors, in one flat buffer."""
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        self.numels = [t.numel() for t in like]
+        self.flat = torch.empty(sum(self.numels), dtype=like[0].dtype, device=like[0].device)
+        base, size = self.flat.data_ptr(), self.flat.element_size()
+        self.addresses, offset = [], 0
+        for n in self.numels:
+            self.addresses.append(base + offset * size)
+            offset += n
+
+
+TensorsOrCopy = Union[Sequence[Tensor], FlatCopy]
+
+# Block tables depend only on the tensor sizes, which do not change between steps.
+_BLOCKS: Dict[Tuple[Tuple[int, ...], int, torch.device], Tensor] = {}
+
+
+def _blocks(numels: Sequence[int], device: torch.device) -> Tensor:
+    block = _block_size()
+    key = (tuple(numels), block, device)
+    table = _BLOCKS.get(key)
+    if table is None:
+        rows = [v for i, n in enumerate(numels) for start in range(0, n, block) for v in (i, start)]
+        table = _to_device(rows, device)
+        _BLOCKS[key] = table
+    return table
+
+
+def _to_device(values: List[int], device: torch.device) -> Tensor:
+    """An int64 table on `device`, copied without making the host wait for the device."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _addresses(tensors: Optional[TensorsOrCopy], n: int) -> List[int]:
+    if tensors is None:
+        return [0] * n
+    if isinstance(tensors, FlatCopy):
+        return tensors.addresses
+    return [t.data_ptr() for t in tensors]
+
+
+def _table(columns: Sequence[List[int]]) -> List[int]:
+    return [v for row in zip(*columns) for v in row]
+
+
+def _contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
+    return all(
+        isinstance(ts, FlatCopy) or all(t.is_contiguous() for t in ts) for ts in lists if ts is not None
+    )
+
+
+def _as_list(tensors: TensorsOrCopy, like: Sequence[Tensor]) -> List[Tensor]:
+    """Tensors shaped like `like` (views into a FlatCopy), for the foreach fallback."""
+    if not isinstance(tensors, FlatCopy):
+        return list(tensors)
+    return [c.view_as(t) for c, t in zip(torch.split(tensors.flat, tensors.numels), like)]
+
+
+def inner_products(
+    d: TensorsOrCopy,
+    d_ref: Optional[Sequence[Tensor]],
+    g: Optional[Sequence[Tensor]],
+    x: Optional[Sequence[Tensor]],
+    *,
+    acc_dtype: torch.dtype,
+    x_sums: bool = True,
+    copy_x: bool = False,
+) -> Tuple[Tensor, Optional[FlatCopy]]:
+    """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy`."""
+    like = x if x is not None else (g if g is not None else d_ref)
+    if like is None or not _contiguous(d, d_ref, g, x):
+        sums, copy = _foreach.inner_products(
+            _as_list(d, like or d), d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x
+        )
+        return sums, copy
+    n = len(like)
+    device = like[0].device
+    numels = [t.numel() for t in like]
+    copy = FlatCopy(x) if copy_x and x is not None else None
+    blocks = _blocks(numels, device)
+    table = _table(
+        [
+            _addresses(d, n),
+            _addresses(d_ref, n),
+            _addresses(g, n),
+            _addresses(x, n),
+            _addresses(copy, n),
+            numels,
+        ]
+    )
+    partial = torch.empty(blocks.numel() // 2, 4, dtype=acc_dtype, device=device)
+    d_dtype = d.flat.dtype if isinstance(d, FlatCopy) else d[0].dtype
+    kernels.inner_products_kernel[(partial.shape[0],)](
+        blocks,
+        _to_device(table, device),
+        partial,
+        D_TY=TL_DTYPES[d_dtype],
+        REF_TY=TL_DTYPES[d_ref[0].dtype] if d_ref is not None else TL_DTYPES[d_dtype],
+        X_TY=TL_DTYPES[like[0].dtype],
+        ACC=TL_DTYPES[acc_dtype],
+        HAS_REF=d_ref is not None,
+        HAS_G=g is not None,
+        X_SUMS=x is not None and x_sums,
+        COPY_X=copy is not None,
+        BLOCK=_block_size(),
+    )
+    return partial.sum(dim=0), copy  # rows reduced in a fixed order: deterministic
+
+
+def apply_update(
+    x: Sequence[Tensor],
+    x_copy: TensorsOrCopy,
+    x_ref: Sequence[Tensor],
+    delta: Optional[Sequence[Tensor]],
+    scale: Tensor,
+    denom: Tensor,
+) -> None:
+    """Same contract as `_foreach.apply_update`, in one pass."""
+    if not _contiguous(x, x_copy, x_ref, delta):
+        _foreach.apply_update(x, _as_list(x_copy, x), x_ref, delta, scale, denom)
+        return
+    n = len(x)
+    device = x[0].device
+    numels = [t.numel() for t in x]
+    acc = torch.float64 if x[0].dtype == torch.float64 else torch.float32
+    blocks = _blocks(numels, device)
+    table = _table(
+        [_addresses(x, n), _addresses(x_copy, n), _addresses(x_ref, n), _addresses(delta, n), numels]
+    )
+    kernels.apply_update_kernel[(blocks.numel() // 2,)](
+        blocks,
+        _to_device(table, device),
+        scale,
+        denom,
+        X_TY=TL_DTYPES[x[0].dtype],
+        REF_TY=TL_DTYPES[x_ref[0].dtype],
+        ACC=TL_DTYPES[acc],
+        HAS_DELTA=delta is not None,
+        BLOCK=_block_size(),
+    )
+
+
+__all__ = ["FlatCopy", "apply_update", "inner_products", "triton"]
