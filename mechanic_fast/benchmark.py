@@ -1,0 +1,325 @@
+"""Benchmark sweep: a mechanized step against the bare base step, mechanic-pytorch and the memory floor.
+
+Every row of one shape set / dtype / device is measured in the same run, side by side, as the median of
+repeated steps after warm-up (gradients are set outside the timed region). The memory floor is the time
+of 4 flat copies of all parameters (8 passes over d elements: the least Mechanic must read and write per
+step with store_delta=False); Mechanic's overhead (mechanized minus bare step) is reported as a multiple
+of it. Outputs: JSON rows, a markdown table and a PNG plot, written only to the paths given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import mechanize
+
+Progress = Callable[[int, int, str], None]
+IMPLS = ("base", "mechanic_pytorch", "foreach", "compiled", "triton")
+
+
+# --------------------------------------------------------------------------------------------- shapes
+def _model_shapes() -> List[torch.Size]:
+    """The parameter list of a real model: a 4-layer transformer encoder (d_model 256) with embeddings."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True)
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(1000, 256), "encoder": torch.nn.TransformerEncoder(layer, num_layers=4)}
+    )
+    return [p.shape for p in model.parameters()]
+
+
+def shape_sets(quick: bool) -> Dict[str, List[torch.Size]]:
+    if quick:
+        return {"20x64x64": [torch.Size((64, 64))] * 20, "2x256x256": [torch.Size((256, 256))] * 2}
+    return {
+        "200x64x64": [torch.Size((64, 64))] * 200,
+        "4x1024x1024": [torch.Size((1024, 1024))] * 4,
+        "transformer": _model_shapes(),
+    }
+
+
+def devices_present() -> List[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def _median_ms(fn: Callable[[], Any], before: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        before()
+        fn()
+    times = []
+    for _ in range(repeats):
+        before()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+class _PeakAllocations(TorchDispatchMode):
+    """Peak bytes of tensors allocated (and still alive) during a region, seen through the dispatcher.
+
+    Counts every op output that does not alias an input; frees are tracked with weakref finalizers.
+    A device-independent stand-in for torch.cuda.max_memory_allocated on CPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in _tensors(args) if a.device.type != "meta"}
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in inputs or storage.nbytes() == 0:
+                continue
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, storage.nbytes())
+        return out
+
+
+def _tensors(obj: Any) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Callable[[], Any]]:
+    """The step function of one implementation, or None where it cannot run here."""
+    kwargs = dict(lr=1e-3, weight_decay=0.01, foreach=True)
+    if impl == "base":
+        return torch.optim.AdamW(params, **kwargs).step
+    if impl == "mechanic_pytorch":
+        try:
+            import mechanic_pytorch
+        except ImportError:
+            return None
+        return mechanic_pytorch.mechanize(torch.optim.AdamW)(params, **kwargs).step
+    if impl == "foreach":
+        return mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step
+    if impl == "compiled":
+        return torch.compile(mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step)
+    if impl == "triton":
+        if params[0].device.type != "cuda":
+            return None
+        return mechanize(torch.optim.AdamW, backend="triton")(params, **kwargs).step
+    raise ValueError(impl)
+
+
+def _floor_ms(shapes: Sequence[torch.Size], dtype: torch.dtype, device: str, warmup: int, repeats: int) -> float:
+    total = sum(s.numel() for s in shapes)
+    src = torch.randn(total, device=device).to(dtype)
+    dst = torch.empty_like(src)
+
+    def four_copies() -> None:
+        for _ in range(4):
+            dst.copy_(src)
+
+    return _median_ms(four_copies, lambda: None, device, warmup, repeats)
+
+
+def measure(
+    device: str, dtype: torch.dtype, shape_set: str, shapes: Sequence[torch.Size], impls: Sequence[str], quick: bool
+) -> List[Dict[str, Any]]:
+    """All implementations for one (device, dtype, shape set), side by side."""
+    warmup, repeats = (2, 5) if quick else (5, 25)
+    floor = _floor_ms(shapes, dtype, device, warmup, repeats)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    rows = []
+    for impl in impls:
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
+        row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
+        row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes), floor_ms=floor)
+        try:
+            step = _make_optimizer(impl, params)
+        except Exception as exc:  # e.g. an implementation that refuses this dtype
+            step, row["note"] = None, f"unavailable: {type(exc).__name__}: {exc}"
+        if step is None:
+            row.setdefault("note", "unavailable on this device")
+            rows.append(row)
+            continue
+
+        def set_grads(params=params) -> None:
+            for p, g in zip(params, grads):
+                p.grad = g
+
+        try:
+            start = time.perf_counter()
+            set_grads()
+            step()  # first step: creates state, and compiles for "compiled"
+            _sync(device)
+            row["first_step_s"] = time.perf_counter() - start
+            row["step_ms"] = _median_ms(step, set_grads, device, warmup, repeats)
+            row["peak_extra_bytes"] = _peak_bytes(step, set_grads, device)
+        except Exception as exc:
+            row["note"] = f"failed: {type(exc).__name__}: {exc}"
+            row.pop("step_ms", None)
+        rows.append(row)
+    base = next((r["step_ms"] for r in rows if r["impl"] == "base" and "step_ms" in r), None)
+    reference = next((r["step_ms"] for r in rows if r["impl"] == "mechanic_pytorch" and "step_ms" in r), None)
+    for row in rows:
+        if "step_ms" not in row:
+            continue
+        if base is not None:
+            row["overhead_ms"] = row["step_ms"] - base
+            row["overhead_over_floor"] = row["overhead_ms"] / floor
+        if reference is not None:
+            row["speedup_vs_reference"] = reference / row["step_ms"]
+    return rows
+
+
+def _peak_bytes(step: Callable[[], Any], set_grads: Callable[[], Any], device: str) -> Optional[int]:
+    set_grads()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    if isinstance(step, torch._dynamo.eval_frame.OptimizedModule) or hasattr(step, "_torchdynamo_orig_callable"):
+        return None  # compiled code allocates below the dispatcher
+    with _PeakAllocations() as mode:
+        step()
+    return mode.peak
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+def run_sweep(
+    devices: Optional[List[str]] = None,
+    quick: bool = False,
+    out_json: Optional[str] = None,
+    out_md: Optional[str] = None,
+    out_png: Optional[str] = None,
+    progress: Optional[Progress] = None,
+    impls: Sequence[str] = IMPLS,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+) -> Dict[str, Any]:
+    """Run the sweep and write the outputs that were asked for. Returns {"machine": ..., "rows": [...]}."""
+    devices = devices or devices_present()
+    sets = shape_sets(quick)
+    if quick:
+        impls = [i for i in impls if i != "compiled"]  # compiling takes longer than the quick run
+    jobs = [(dev, dt, name) for dev in devices for dt in dtypes for name in sets]
+    rows: List[Dict[str, Any]] = []
+    for i, (dev, dt, name) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs), f"{dev} {str(dt).replace('torch.', '')} {name}")
+        rows += measure(dev, dt, name, sets[name], impls, quick)
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    result = {"machine": machine_info(), "quick": quick, "rows": rows}
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(markdown_table(rows))
+    if out_png:
+        plot(rows, out_png)
+    return result
+
+
+def machine_info() -> Dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    head = (
+        "| device | dtype | shapes | impl | step ms | overhead ms | floor ms | overhead / floor "
+        "| speedup vs mechanic-pytorch | peak extra MiB |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        peak = r.get("peak_extra_bytes")
+        lines.append(
+            f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['impl']} | {_fmt(r.get('step_ms'), '.2f')} "
+            f"| {_fmt(r.get('overhead_ms'), '.2f')} | {_fmt(r.get('floor_ms'), '.2f')} "
+            f"| {_fmt(r.get('overhead_over_floor'), '.1f')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} "
+            f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} |"
+            + (f" {r['note']}" if "note" in r and "step_ms" not in r else "")
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["device"], r["dtype"], r["shape_set"]) for r in rows})
+    impls = [i for i in IMPLS if any(r["impl"] == i and "step_ms" in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    width = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        values = [
+            next((r.get("step_ms", 0.0) for r in rows if (r["device"], r["dtype"], r["shape_set"]) == g and r["impl"] == impl), 0.0)
+            for g in groups
+        ]
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title("AdamW(foreach) step: bare and mechanized")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", action="append", help="device to run on (repeatable; default: all present)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats, no compile")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--md", help="write a markdown table here")
+    parser.add_argument("--plot", help="write a PNG plot here")
+    args = parser.parse_args(argv)
+    result = run_sweep(args.device, args.quick, args.json, args.md, args.plot)
+    print(markdown_table(result["rows"]))
+    return 0
