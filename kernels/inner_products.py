@@ -19,24 +19,6 @@ UP_X, UP_COPY, UP_REF, UP_DELTA, UP_NUMEL, UP_COLS = range(6)
 
 
 @triton.jit
-def _block(blocks_ptr, table_ptr, COLS: tl.constexpr, NUMEL_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's tensor row in the table, its element offsets and their mask."""
-    pid = tl.program_id(0)
-    tensor = tl.load(blocks_ptr + 2 * pid)
-    start = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor * COLS
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < tl.load(row + NUMEL_COL)
-    return row, offs, mask
-
-
-@triton.jit
-def _load(row, col: tl.constexpr, ty: tl.constexpr, offs, mask, acc: tl.constexpr):
-    ptr = tl.load(row + col).to(tl.pointer_type(ty))
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(acc)
-
-
-@triton.jit
 def inner_products_kernel(
     blocks_ptr,
     table_ptr,
@@ -52,16 +34,22 @@ def inner_products_kernel(
     BLOCK: tl.constexpr,
 ):
     """Partial [<d, g>, <d, x>, ||g||^2, ||x||^2] of one block, with d = d - d_ref; optional copy of x."""
-    row, offs, mask = _block(blocks_ptr, table_ptr, IP_COLS, IP_NUMEL, BLOCK)
-    d = _load(row, IP_D, D_TY, offs, mask, ACC)
+    # this program's tensor (a row of the table) and its elements; no nested @triton.jit helpers here,
+    # since Triton's interpreter stops running those once torch.compile has imported triton
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(blocks_ptr + 2 * pid) * IP_COLS
+    offs = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(row + IP_NUMEL)
+    d = tl.load(tl.load(row + IP_D).to(tl.pointer_type(D_TY)) + offs, mask=mask, other=0.0).to(ACC)
     if HAS_REF:
-        d = d - _load(row, IP_D_REF, REF_TY, offs, mask, ACC)
+        ref_ptr = tl.load(row + IP_D_REF).to(tl.pointer_type(REF_TY))
+        d = d - tl.load(ref_ptr + offs, mask=mask, other=0.0).to(ACC)
     dg = tl.sum(d * 0.0, axis=0)
     gg = dg
     dx = dg
     xx = dg
     if HAS_G:
-        g = _load(row, IP_G, X_TY, offs, mask, ACC)
+        g = tl.load(tl.load(row + IP_G).to(tl.pointer_type(X_TY)) + offs, mask=mask, other=0.0).to(ACC)
         dg = tl.sum(d * g, axis=0)
         gg = tl.sum(g * g, axis=0)
     if X_SUMS or COPY_X:
@@ -95,12 +83,15 @@ def apply_update_kernel(
 ):
     """x = x_ref + scale * (Delta + u), u = x - x_copy; Delta = (x_copy - x_ref) / denom, or stored
     (then Delta += u in place). Same operation order as the foreach implementation."""
-    row, offs, mask = _block(blocks_ptr, table_ptr, UP_COLS, UP_NUMEL, BLOCK)
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(blocks_ptr + 2 * pid) * UP_COLS
+    offs = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(row + UP_NUMEL)
     scale = tl.load(scale_ptr).to(ACC)
     x_ptr = tl.load(row + UP_X).to(tl.pointer_type(X_TY))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    x_t = _load(row, UP_COPY, X_TY, offs, mask, ACC)
-    ref = _load(row, UP_REF, REF_TY, offs, mask, ACC)
+    x_t = tl.load(tl.load(row + UP_COPY).to(tl.pointer_type(X_TY)) + offs, mask=mask, other=0.0).to(ACC)
+    ref = tl.load(tl.load(row + UP_REF).to(tl.pointer_type(REF_TY)) + offs, mask=mask, other=0.0).to(ACC)
     u = x - x_t
     if HAS_DELTA:
         delta_ptr = tl.load(row + UP_DELTA).to(tl.pointer_type(REF_TY))

@@ -1,61 +1,137 @@
-"""Mechanic's O(d) work with multi-tensor `torch._foreach_*` ops.
+"""Mechanic's O(d) work with multi-tensor torch ops, on any device.
 
-Every function takes aligned lists of tensors on one device (one dtype per list, as grouped by
-`Optimizer._group_tensors_by_device_and_dtype`) and dispatches a fixed number of ops whatever the
-number of tensors. `mechanic_fast._triton` implements the same two functions with Triton kernels.
+A step gathers each list of tensors into one flat buffer with a single `torch._chunk_cat` (the x_t copy
+is such a buffer), does all arithmetic on flat buffers (one kernel per op, whatever the number of
+tensors; the inner products are BLAS dots), and scatters the new parameters back with one
+`torch._foreach_copy_`. Lists that already tile one flat buffer in order (x_ref and Delta, which the
+optimizer allocates that way) are used in place, without a gather. So the number of dispatched ops is
+constant in the number of tensors, and so, on CPU, is the number of kernels.
+
+`mechanic_fast._triton` implements the same two functions with Triton kernels.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+
+class FlatCopy:
+    """A copy of a list of tensors in one flat buffer (the x_t copy of a step)."""
+
+    def __init__(self, tensors: Sequence[Tensor], flat: Optional[Tensor] = None) -> None:
+        self.numels = [t.numel() for t in tensors]
+        self.flat = (
+            flat
+            if flat is not None
+            else torch.empty(sum(self.numels), dtype=tensors[0].dtype, device=tensors[0].device)
+        )
+
+
 TensorList = List[Tensor]
+TensorsOrCopy = Union[Sequence[Tensor], FlatCopy]
+
+
+def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
+    """Copies of `tensors` (in `dtype`) that are views tiling one new flat buffer, so that later steps
+    can use them as one 1-D tensor without a gather."""
+    buffer = gather([t.detach() for t in tensors]).to(dtype)  # gather already copied
+    return [v.view(t.shape) for v, t in zip(torch.split(buffer, [t.numel() for t in tensors]), tensors)]
+
+
+def gather(tensors: Sequence[Tensor]) -> Tensor:
+    """A new 1-D tensor holding the elements of `tensors` in order (one op)."""
+    return torch._chunk_cat(list(tensors), 0, 1).view(-1)
+
+
+def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
+    """The 1-D storage `tensors` tile in order, without copying, or None if they do not."""
+    if isinstance(tensors, FlatCopy):
+        return tensors.flat
+    if torch.compiler.is_compiling():
+        return None
+    base = tensors[0]._base
+    if base is None or not base.is_contiguous():
+        return None
+    start = offset = tensors[0].storage_offset()
+    for t in tensors:
+        if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return base.as_strided((offset - start,), (1,), start)  # one view op
+
+
+def flat(tensors: TensorsOrCopy) -> Tensor:
+    """`tensors` as one 1-D tensor: a view when they tile one, else a gathered copy (read-only use)."""
+    view = flat_view(tensors)
+    return view if view is not None else gather(tensors)
+
+
+def _param_views(tensors: Sequence[Tensor]) -> TensorList:
+    """1-D views of (contiguous) parameters, cached across steps and re-made when storage changes."""
+    if torch.compiler.is_compiling():
+        return [t.view(-1) for t in tensors]
+    views = []
+    for t in tensors:  # the view lives on the tensor itself (no registry to leak or to compare keys in)
+        v = getattr(t, "_mechanic_flat_view", None)
+        if v is None or v.data_ptr() != t.data_ptr() or v.numel() != t.numel():
+            v = t.view(-1)
+            t._mechanic_flat_view = v
+        views.append(v)
+    return views
+
+
+def scatter(source: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy)."""
+    if all(t.is_contiguous() for t in tensors):
+        torch._foreach_copy_(_param_views(tensors), torch.split(source, [t.numel() for t in tensors]))
+    else:
+        parts = torch.split(source, [t.numel() for t in tensors])
+        torch._foreach_copy_(list(tensors), [p.view(t.shape) for p, t in zip(parts, tensors)])
 
 
 def inner_products(
-    d: TensorList,
-    d_ref: Optional[TensorList],
-    g: Optional[TensorList],
-    x: Optional[TensorList],
+    d: TensorsOrCopy,
+    d_ref: Optional[Sequence[Tensor]],
+    g: Optional[Sequence[Tensor]],
+    x: Optional[Sequence[Tensor]],
     *,
     acc_dtype: torch.dtype,
     x_sums: bool = True,
     copy_x: bool = False,
-) -> Tuple[Tensor, Optional[TensorList]]:
+) -> Tuple[Tensor, Optional[FlatCopy]]:
     """Return ``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` (``acc_dtype``) and, with ``copy_x``, a copy of x.
 
     The direction is ``d - d_ref`` (``d`` alone when ``d_ref`` is None), formed elementwise so that a
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
-    ``x_sums`` is False) are zero.
+    ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call.
     """
-    direction = torch._foreach_sub(d, d_ref) if d_ref is not None else d
-    others = [t for t in (g, x if x_sums else None) if t is not None]  # [g], [x] or [g, x]
-    k = len(others)
-    flat_others = [t for tensors in others for t in tensors]
-    # torch has no foreach dot: one op forms every product, one concatenation and one reduction sum
-    # them per vector, so the op count does not depend on the number of tensors.
-    products = torch._foreach_mul(direction * k, flat_others)
-    dots = torch._chunk_cat(products, 0, 1).view(k, -1).sum(dim=1, dtype=acc_dtype)
-    # (_foreach_powsum would skip the square root, but torch.compile cannot trace it)
-    norms = torch.stack(torch._foreach_norm(flat_others, 2, dtype=acc_dtype)).view(k, -1)
-    squares = norms.square().sum(dim=1)
-    if k == 2:
-        sums = torch.cat([dots, squares])
-    else:
-        zero = dots.new_zeros(1)
-        sums = torch.cat([dots, zero, squares, zero] if g is not None else [zero, dots, zero, squares])
-    copy = torch._foreach_mul(x, 1.0) if copy_x and x is not None else None
-    return sums, copy
+    x_flat = gather(x) if x is not None and (copy_x or x_sums) else None  # a real copy: it is x_t
+    d_flat = x_flat if d is x and x_flat is not None else flat(d)
+    if d_ref is not None:
+        d_flat = d_flat - flat(d_ref)
+    direction = d_flat.to(acc_dtype)
+    sums: List[Optional[Tensor]] = [None] * 4
+    if g is not None:
+        g_flat = flat(g).to(acc_dtype)
+        sums[0], sums[2] = torch.dot(direction, g_flat), torch.dot(g_flat, g_flat)
+    if x_flat is not None and x_sums:
+        x_acc = x_flat.to(acc_dtype)
+        sums[1], sums[3] = torch.dot(direction, x_acc), torch.dot(x_acc, x_acc)
+    if None in sums:
+        zero = direction.new_zeros(())
+        sums = [zero if v is None else v for v in sums]
+    copy = FlatCopy(x, x_flat) if copy_x and x_flat is not None else None
+    return torch.stack(sums), copy
 
 
 def apply_update(
-    x: TensorList,
-    x_copy: TensorList,
-    x_ref: TensorList,
-    delta: Optional[TensorList],
+    x: Sequence[Tensor],
+    x_copy: TensorsOrCopy,
+    x_ref: Sequence[Tensor],
+    delta: Optional[Sequence[Tensor]],
     scale: Tensor,
     denom: Tensor,
 ) -> None:
@@ -67,13 +143,19 @@ def apply_update(
     small difference of large numbers, so any other rounding order changes later inner products.
     ``x_copy`` is consumed (overwritten).
     """
-    torch._foreach_sub_(x, x_copy)  # u
+    x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
+    u = gather(x)
+    u.sub_(x_t)
+    ref = flat(x_ref)
     if delta is None:
-        torch._foreach_sub_(x_copy, x_ref)
-        torch._foreach_div_(x_copy, denom)  # Delta
-        torch._foreach_add_(x, x_copy)  # Delta + u
+        new = x_t.sub_(ref).div_(denom).add_(u).mul_(scale)  # (Delta + u) * S, in the x_t buffer
     else:
-        torch._foreach_add_(delta, x)  # Delta += u
-        torch._foreach_copy_(x, delta)
-    torch._foreach_mul_(x, scale)
-    torch._foreach_add_(x, x_ref)
+        stored = flat_view(delta)
+        if stored is None:  # Delta not in one buffer: advance it tensor by tensor
+            parts = torch.split(u, [t.numel() for t in delta])
+            torch._foreach_add_(list(delta), [p.view_as(t) for p, t in zip(parts, delta)])
+            stored = gather(delta)
+        else:
+            stored.add_(u)
+        new = stored.mul(scale)
+    scatter(new.add_(ref), x)

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _foreach
+from ._foreach import FlatCopy
 from .kernels import inner_products as kernels
 
 TL_DTYPES = {
@@ -30,19 +31,6 @@ TL_DTYPES = {
 def _block_size() -> int:
     # the interpreter runs blocks one by one in numpy: fewer, larger blocks are faster there
     return 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
-
-
-class FlatCopy:
-    """The x_t copy of a list of tensors, in one flat buffer."""
-
-    def __init__(self, like: Sequence[Tensor]) -> None:
-        self.numels = [t.numel() for t in like]
-        self.flat = torch.empty(sum(self.numels), dtype=like[0].dtype, device=like[0].device)
-        base, size = self.flat.data_ptr(), self.flat.element_size()
-        self.addresses, offset = [], 0
-        for n in self.numels:
-            self.addresses.append(base + offset * size)
-            offset += n
 
 
 TensorsOrCopy = Union[Sequence[Tensor], FlatCopy]
@@ -74,7 +62,11 @@ def _addresses(tensors: Optional[TensorsOrCopy], n: int) -> List[int]:
     if tensors is None:
         return [0] * n
     if isinstance(tensors, FlatCopy):
-        return tensors.addresses
+        base, size, out = tensors.flat.data_ptr(), tensors.flat.element_size(), []
+        for n in tensors.numels:
+            out.append(base)
+            base += n * size
+        return out
     return [t.data_ptr() for t in tensors]
 
 
@@ -86,13 +78,6 @@ def _contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
     return all(
         isinstance(ts, FlatCopy) or all(t.is_contiguous() for t in ts) for ts in lists if ts is not None
     )
-
-
-def _as_list(tensors: TensorsOrCopy, like: Sequence[Tensor]) -> List[Tensor]:
-    """Tensors shaped like `like` (views into a FlatCopy), for the foreach fallback."""
-    if not isinstance(tensors, FlatCopy):
-        return list(tensors)
-    return [c.view_as(t) for c, t in zip(torch.split(tensors.flat, tensors.numels), like)]
 
 
 def inner_products(
@@ -108,14 +93,11 @@ def inner_products(
     """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy`."""
     like = x if x is not None else (g if g is not None else d_ref)
     if like is None or not _contiguous(d, d_ref, g, x):
-        sums, copy = _foreach.inner_products(
-            _as_list(d, like or d), d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x
-        )
-        return sums, copy
+        return _foreach.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x)
     n = len(like)
     device = like[0].device
     numels = [t.numel() for t in like]
-    copy = FlatCopy(x) if copy_x and x is not None else None
+    copy = FlatCopy(x) if copy_x and x is not None else None  # written by the kernel
     blocks = _blocks(numels, device)
     table = _table(
         [
@@ -156,7 +138,7 @@ def apply_update(
 ) -> None:
     """Same contract as `_foreach.apply_update`, in one pass."""
     if not _contiguous(x, x_copy, x_ref, delta):
-        _foreach.apply_update(x, _as_list(x_copy, x), x_ref, delta, scale, denom)
+        _foreach.apply_update(x, x_copy, x_ref, delta, scale, denom)
         return
     n = len(x)
     device = x[0].device

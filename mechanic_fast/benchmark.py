@@ -64,7 +64,9 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
-def _median_ms(fn: Callable[[], Any], before: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
+def _median_ms(
+    fn: Callable[[], Any], before: Callable[[], Any], device: str, warmup: int, repeats: int
+) -> float:
     for _ in range(warmup):
         before()
         fn()
@@ -137,7 +139,9 @@ def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Cal
     raise ValueError(impl)
 
 
-def _floor_ms(shapes: Sequence[torch.Size], dtype: torch.dtype, device: str, warmup: int, repeats: int) -> float:
+def _floor_ms(
+    shapes: Sequence[torch.Size], dtype: torch.dtype, device: str, warmup: int, repeats: int
+) -> float:
     total = sum(s.numel() for s in shapes)
     src = torch.randn(total, device=device).to(dtype)
     dst = torch.empty_like(src)
@@ -150,7 +154,12 @@ def _floor_ms(shapes: Sequence[torch.Size], dtype: torch.dtype, device: str, war
 
 
 def measure(
-    device: str, dtype: torch.dtype, shape_set: str, shapes: Sequence[torch.Size], impls: Sequence[str], quick: bool
+    device: str,
+    dtype: torch.dtype,
+    shape_set: str,
+    shapes: Sequence[torch.Size],
+    impls: Sequence[str],
+    quick: bool,
 ) -> List[Dict[str, Any]]:
     """All implementations for one (device, dtype, shape set), side by side."""
     warmup, repeats = (2, 5) if quick else (5, 25)
@@ -159,7 +168,9 @@ def measure(
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     rows = []
     for impl in impls:
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes
+        ]
         row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
         row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes), floor_ms=floor)
         try:
@@ -209,7 +220,9 @@ def _peak_bytes(step: Callable[[], Any], set_grads: Callable[[], Any], device: s
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    if isinstance(step, torch._dynamo.eval_frame.OptimizedModule) or hasattr(step, "_torchdynamo_orig_callable"):
+    if isinstance(step, torch._dynamo.eval_frame.OptimizedModule) or hasattr(
+        step, "_torchdynamo_orig_callable"
+    ):
         return None  # compiled code allocates below the dispatcher
     with _PeakAllocations() as mode:
         step()
@@ -277,7 +290,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         peak = r.get("peak_extra_bytes")
         lines.append(
-            f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['impl']} | {_fmt(r.get('step_ms'), '.2f')} "
+            f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['impl']} "
+            f"| {_fmt(r.get('step_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_ms'), '.2f')} | {_fmt(r.get('floor_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_over_floor'), '.1f')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} "
             f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} |"
@@ -298,7 +312,14 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     width = 0.8 / max(len(impls), 1)
     for k, impl in enumerate(impls):
         values = [
-            next((r.get("step_ms", 0.0) for r in rows if (r["device"], r["dtype"], r["shape_set"]) == g and r["impl"] == impl), 0.0)
+            next(
+                (
+                    r.get("step_ms", 0.0)
+                    for r in rows
+                    if (r["device"], r["dtype"], r["shape_set"]) == g and r["impl"] == impl
+                ),
+                0.0,
+            )
             for g in groups
         ]
         ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
@@ -314,7 +335,9 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", action="append", help="device to run on (repeatable; default: all present)")
+    parser.add_argument(
+        "--device", action="append", help="device to run on (repeatable; default: all present)"
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats, no compile")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--md", help="write a markdown table here")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _backend, _distributed, tuner
+from . import _backend, _distributed, _foreach, tuner
 from ._config import MechanicConfig
 
 logger = logging.getLogger("mechanic_fast")
@@ -163,11 +163,12 @@ class Mechanic(torch.optim.Optimizer):
         Delta) for parameters seen for the first time."""
         cfg = self._mechanic_config
         state = self._mechanic
-        for p in params:
-            if p not in state["x_ref"]:  # x_ref = x_t on a parameter's first step (Delta = 0)
-                state["x_ref"][p] = p.detach().to(self._mechanic_ref_dtype(p), copy=True)
-                if cfg.store_delta:
-                    state["delta"][p] = torch.zeros_like(state["x_ref"][p])
+        new = [p for p in params if p not in state["x_ref"]]
+        if new:  # x_ref = x_t on a parameter's first step (Delta = 0)
+            state["x_ref"].update(_tiled({p: p.detach() for p in new}, self._mechanic_ref_dtype))
+            if cfg.store_delta:
+                zeros = {p: torch.zeros_like(state["x_ref"][p]) for p in new}
+                state["delta"].update(_tiled(zeros, self._mechanic_ref_dtype))
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
         domains: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
@@ -378,7 +379,7 @@ class Mechanic(torch.optim.Optimizer):
         index = self._mechanic_param_index()
         fresh: Dict[str, Any] = {"x_ref": {}, "delta": {}}
         for key in ("x_ref", "delta"):
-            for i, t in saved.get(key, {}).items():
+            for i, t in sorted(saved.get(key, {}).items()):
                 p = index.get(int(i))
                 if p is None:
                     raise ValueError(
@@ -390,7 +391,8 @@ class Mechanic(torch.optim.Optimizer):
                         f"checkpoint's Mechanic {key} for parameter {i} has shape {tuple(t.shape)}, "
                         f"the parameter has shape {tuple(p.shape)}"
                     )
-                fresh[key][p] = t.detach().to(device=p.device, dtype=self._mechanic_ref_dtype(p), copy=True)
+                fresh[key][p] = t.detach().to(device=p.device)
+            fresh[key] = _tiled(fresh[key], self._mechanic_ref_dtype)
         if "s" in saved:
             device = self._mechanic_device()
             dtype = saved["s"].dtype
@@ -420,6 +422,21 @@ class Mechanic(torch.optim.Optimizer):
             self._mechanic_reset_state()
         else:
             self._mechanic, self._mechanic_log_count = parsed
+
+
+def _tiled(values: Dict[Tensor, Tensor], dtype_of: Callable[[Tensor], torch.dtype]) -> Dict[Tensor, Tensor]:
+    """Copies of `values` (param -> tensor, in dtype_of(param)), laid out per device and dtype as views
+    tiling one flat buffer, which the foreach backend reads and updates as one tensor."""
+    out: Dict[Tensor, Tensor] = {}
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+    for p, v in values.items():
+        if _distributed.is_dtensor(v) or not v.is_contiguous():
+            out[p] = v.to(dtype=dtype_of(p), copy=True)
+        else:
+            buckets.setdefault((v.device, dtype_of(p)), []).append(p)
+    for (_, dtype), params in buckets.items():
+        out.update(zip(params, _foreach.flat_clones([values[p] for p in params], dtype)))
+    return out
 
 
 def _mechanize_instance(

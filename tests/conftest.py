@@ -9,6 +9,11 @@ from typing import Callable, List
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter. The switch is read when triton.language is
+# first imported (torch.compile imports it too), so it must be set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def seed() -> int:

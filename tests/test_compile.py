@@ -63,9 +63,8 @@ def test_compile_option_gives_the_eager_result(variant):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_with_a_capturable_base():
     def factory(ps):
-        return mechanize(torch.optim.AdamW)(
-            ps, lr=torch.tensor(1e-3, device="cuda"), capturable=True
-        )
+        return mechanize(torch.optim.AdamW)(ps, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+
     eager, eager_opt, _ = _train(factory, device="cuda", dtype=torch.float32)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)

@@ -66,7 +66,7 @@ def test_low_precision_sums_accumulate_in_float32(dtype):
     sums, copy = _foreach.inner_products(d, r, g, d, acc_dtype=torch.float32, copy_x=True)
     assert sums.dtype == torch.float32
     assert sums.tolist() == [n, 2 * n, n, 4 * n]
-    assert all(torch.equal(c, x) and c.dtype == dtype for c, x in zip(copy, d))
+    assert copy.flat.dtype == dtype and torch.equal(copy.flat, torch.cat([t.view(-1) for t in d]))
 
 
 def test_bfloat16_model_tracks_the_float32_run():
