@@ -158,9 +158,8 @@ def results_table(runs: Sequence[Dict[str, Any]]) -> str:
     ]
     for r in runs:
         scale = f"{r['scale']:.3g}" if r["optimizer"].startswith("mechanized") else "-"
-        lines.append(
-            f"| {r['optimizer']} | {r['base_lr']:g} | {r['val_loss']:.3f} | {scale} | {r['effective_lr']:.3g} |"
-        )
+        lr, loss, effective = r["base_lr"], r["val_loss"], r["effective_lr"]
+        lines.append(f"| {r['optimizer']} | {lr:g} | {loss:.3f} | {scale} | {effective:.3g} |")
     return "\n".join(lines)
 
 
