@@ -1,0 +1,46 @@
+"""pytest-benchmark suite: one optimizer step per round, implementations side by side per shape set.
+
+    python -m pytest bench/ --benchmark-only --benchmark-group-by=param:shapes
+
+Gradients are set in the (untimed) setup of every round; the first steps (state creation, compile)
+run before timing. Compare rows within one group: they ran in the same session on the same machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechanic_fast.benchmark import _make_optimizer, shape_sets
+
+SHAPES = shape_sets(quick=False)
+IMPLS = ["base", "mechanic_pytorch", "foreach", "compiled"] + (
+    ["triton"] if torch.cuda.is_available() else []
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shapes", sorted(SHAPES))
+def test_step(benchmark, shapes, impl):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[shapes]]
+    grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES[shapes]]
+    step = _make_optimizer(impl, params)
+    if step is None:
+        pytest.skip(f"{impl} is not available here")
+
+    def setup():
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    def timed():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # state creation, compilation
+        setup()
+        timed()
+    benchmark.group = shapes
+    benchmark.pedantic(timed, setup=setup, rounds=20, warmup_rounds=2)

@@ -1,0 +1,32 @@
+"""The pytest-benchmark suite in bench/ stays runnable (timing is for `pytest bench/ --benchmark-only`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_suite_runs_once_per_case(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(ROOT / "bench"),
+            "-q",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "200x64x64 and (foreach or base)",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
