@@ -321,7 +321,8 @@ class Mechanic(torch.optim.Optimizer):
 
     @torch._dynamo.disable
     def _mechanic_log(self) -> None:
-        """Logging steps are the only ones that read a value on the host."""
+        """Logging steps are the only ones that read a value on the host. Steps are counted on the host
+        only when logging is on (a host counter in compiled code would be guarded on and recompiled)."""
         self._mechanic_log_count += 1
         if self._mechanic_log_count % self._mechanic_config.log_every == 0:
             scale = self._mechanic["tuner"].s.sum().item()
@@ -348,7 +349,6 @@ class Mechanic(torch.optim.Optimizer):
             "store_delta": cfg.store_delta,
             "x_ref": {pos[id(p)]: t for p, t in state["x_ref"].items()},
             "delta": {pos[id(p)]: t for p, t in state["delta"].items()},
-            "iter_count": self._mechanic_log_count,
         }
         if state["tuner"] is not None:
             out.update(state["tuner"]._asdict())
@@ -409,7 +409,8 @@ class Mechanic(torch.optim.Optimizer):
             fresh["count"] = saved["count"].to(device=device, copy=True)
         else:
             fresh.update(tuner=None, const=None, count=None)
-        return fresh, int(saved.get("iter_count", 0))
+        # the step count (a sync, fine at load time) also numbers the log lines of the resumed run
+        return fresh, int(saved["count"].item()) if "count" in saved else 0
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic then starts afresh from
