@@ -24,6 +24,9 @@ from . import mechanize
 
 Progress = Callable[[int, int, str], None]
 IMPLS = ("base", "mechanic_pytorch", "foreach", "compiled", "triton")
+# torch.compile of a step over more tensors than this spends minutes in inductor's scheduler (its
+# pairwise fusion search), which would dominate the sweep; such rows are skipped with a note.
+MAX_COMPILED_TENSORS = 64
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -173,6 +176,10 @@ def measure(
         ]
         row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
         row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes), floor_ms=floor)
+        if impl == "compiled" and len(shapes) > MAX_COMPILED_TENSORS:
+            row["note"] = f"skipped: inductor's fusion pass takes minutes over {len(shapes)} tensors"
+            rows.append(row)
+            continue
         try:
             step = _make_optimizer(impl, params)
         except Exception as exc:  # e.g. an implementation that refuses this dtype
