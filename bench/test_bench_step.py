@@ -14,7 +14,7 @@ import torch
 from mechanic_fast.benchmark import MAX_COMPILED_TENSORS, _make_optimizer, shape_sets
 
 SHAPES = shape_sets(quick=False)
-IMPLS = ["base", "mechanic_pytorch", "foreach", "compiled"] + (
+IMPLS = ["base", "mechanic_pytorch", "foreach", "base_compiled", "compiled"] + (
     ["triton"] if torch.cuda.is_available() else []
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shapes", sorted(SHAPES))
 def test_step(benchmark, shapes, impl):
-    if impl == "compiled" and len(SHAPES[shapes]) > MAX_COMPILED_TENSORS:
+    if impl.endswith("compiled") and len(SHAPES[shapes]) > MAX_COMPILED_TENSORS:
         pytest.skip("inductor's fusion pass takes minutes over this many tensors")
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[shapes]]

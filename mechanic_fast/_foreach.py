@@ -108,18 +108,27 @@ def inner_products(
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
     ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call.
     """
-    x_flat = gather(x) if x is not None and (copy_x or x_sums) else None  # a real copy: it is x_t
+    need_x = x is not None and (copy_x or x_sums)
+    both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
+    if need_x and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
+        both = gather(list(g) + list(x)).view(2, -1)
+    x_flat = both[1] if both is not None else (gather(x) if need_x else None)  # a real copy: it is x_t
     d_flat = x_flat if d is x and x_flat is not None else flat(d)
     if d_ref is not None:
         d_flat = d_flat - flat(d_ref)
     direction = d_flat.to(acc_dtype)
     sums: List[Optional[Tensor]] = [None] * 4
-    if g is not None:
-        g_flat = flat(g).to(acc_dtype)
-        sums[0], sums[2] = torch.dot(direction, g_flat), torch.dot(g_flat, g_flat)
-    if x_flat is not None and x_sums:
-        x_acc = x_flat.to(acc_dtype)
-        sums[1], sums[3] = torch.dot(direction, x_acc), torch.dot(x_acc, x_acc)
+    if both is not None and x_sums:
+        rows = both.to(acc_dtype)
+        sums[0], sums[1] = torch.mv(rows, direction).unbind()
+        sums[2], sums[3] = torch.mm(rows, rows.t()).diagonal().unbind()
+    else:
+        if g is not None:
+            g_flat = (both[0] if both is not None else flat(g)).to(acc_dtype)
+            sums[0], sums[2] = torch.dot(direction, g_flat), torch.dot(g_flat, g_flat)
+        if x_flat is not None and x_sums:
+            x_acc = x_flat.to(acc_dtype)
+            sums[1], sums[3] = torch.dot(direction, x_acc), torch.dot(x_acc, x_acc)
     if None in sums:
         zero = direction.new_zeros(())
         sums = [zero if v is None else v for v in sums]
@@ -148,7 +157,7 @@ def apply_update(
     u.sub_(x_t)
     ref = flat(x_ref)
     if delta is None:
-        new = x_t.sub_(ref).div_(denom).add_(u).mul_(scale)  # (Delta + u) * S, in the x_t buffer
+        new = u.addcdiv_(x_t.sub_(ref), denom).mul_(scale)  # (Delta + u) * S, Delta = (x_t - x_ref) / denom
     else:
         stored = flat_view(delta)
         if stored is None:  # Delta not in one buffer: advance it tensor by tensor

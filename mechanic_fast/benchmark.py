@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import mechanize
 
 Progress = Callable[[int, int, str], None]
-IMPLS = ("base", "mechanic_pytorch", "foreach", "compiled", "triton")
+IMPLS = ("base", "mechanic_pytorch", "foreach", "base_compiled", "compiled", "triton")
 # torch.compile of a step over more tensors than this spends minutes in inductor's scheduler (its
 # pairwise fusion search), which would dominate the sweep; such rows are skipped with a note.
 MAX_COMPILED_TENSORS = 64
@@ -125,6 +125,8 @@ def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Cal
     kwargs = dict(lr=1e-3, weight_decay=0.01, foreach=True)
     if impl == "base":
         return torch.optim.AdamW(params, **kwargs).step
+    if impl == "base_compiled":
+        return torch.compile(torch.optim.AdamW(params, **kwargs).step)
     if impl == "mechanic_pytorch":
         try:
             import mechanic_pytorch
@@ -176,7 +178,7 @@ def measure(
         ]
         row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
         row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes), floor_ms=floor)
-        if impl == "compiled" and len(shapes) > MAX_COMPILED_TENSORS:
+        if impl.endswith("compiled") and len(shapes) > MAX_COMPILED_TENSORS:
             row["note"] = f"skipped: inductor's fusion pass takes minutes over {len(shapes)} tensors"
             rows.append(row)
             continue
@@ -205,11 +207,13 @@ def measure(
             row["note"] = f"failed: {type(exc).__name__}: {exc}"
             row.pop("step_ms", None)
         rows.append(row)
-    base = next((r["step_ms"] for r in rows if r["impl"] == "base" and "step_ms" in r), None)
-    reference = next((r["step_ms"] for r in rows if r["impl"] == "mechanic_pytorch" and "step_ms" in r), None)
+    times = {r["impl"]: r["step_ms"] for r in rows if "step_ms" in r}
+    reference = times.get("mechanic_pytorch")
     for row in rows:
         if "step_ms" not in row:
             continue
+        # Mechanic's own overhead: against the bare step run the same way (compiled against compiled)
+        base = times.get("base_compiled" if row["impl"].endswith("compiled") else "base")
         if base is not None:
             row["overhead_ms"] = row["step_ms"] - base
             row["overhead_over_floor"] = row["overhead_ms"] / floor
@@ -251,7 +255,7 @@ def run_sweep(
     devices = devices or devices_present()
     sets = shape_sets(quick)
     if quick:
-        impls = [i for i in impls if i != "compiled"]  # compiling takes longer than the quick run
+        impls = [i for i in impls if not i.endswith("compiled")]  # compiling takes longer than the run
     jobs = [(dev, dt, name) for dev in devices for dt in dtypes for name in sets]
     rows: List[Dict[str, Any]] = []
     for i, (dev, dt, name) in enumerate(jobs):
