@@ -166,29 +166,30 @@ def measure(
     impls: Sequence[str],
     quick: bool,
 ) -> List[Dict[str, Any]]:
-    """All implementations for one (device, dtype, shape set), side by side."""
+    """All implementations for one (device, dtype, shape set), side by side: the timed steps of the
+    implementations are interleaved round by round, so that drift of the machine hits all alike."""
     warmup, repeats = (2, 5) if quick else (5, 25)
-    floor = _floor_ms(shapes, dtype, device, warmup, repeats)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    steps: Dict[str, Callable[[], Any]] = {}
+    setters: Dict[str, Callable[[], Any]] = {}
     for impl in impls:
+        row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
+        row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes))
+        rows.append(row)
+        if impl.endswith("compiled") and len(shapes) > MAX_COMPILED_TENSORS:
+            row["note"] = f"skipped: inductor's fusion pass takes minutes over {len(shapes)} tensors"
+            continue
         params = [
             torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes
         ]
-        row: Dict[str, Any] = dict(device=device, dtype=str(dtype).replace("torch.", ""), shape_set=shape_set)
-        row.update(impl=impl, tensors=len(shapes), elements=sum(s.numel() for s in shapes), floor_ms=floor)
-        if impl.endswith("compiled") and len(shapes) > MAX_COMPILED_TENSORS:
-            row["note"] = f"skipped: inductor's fusion pass takes minutes over {len(shapes)} tensors"
-            rows.append(row)
-            continue
         try:
             step = _make_optimizer(impl, params)
         except Exception as exc:  # e.g. an implementation that refuses this dtype
             step, row["note"] = None, f"unavailable: {type(exc).__name__}: {exc}"
         if step is None:
             row.setdefault("note", "unavailable on this device")
-            rows.append(row)
             continue
 
         def set_grads(params=params) -> None:
@@ -197,23 +198,31 @@ def measure(
 
         try:
             start = time.perf_counter()
-            set_grads()
-            step()  # first step: creates state, and compiles for "compiled"
+            for _ in range(warmup):  # the first step creates state (and compiles, for "compiled")
+                set_grads()
+                step()
             _sync(device)
-            row["first_step_s"] = time.perf_counter() - start
-            row["step_ms"] = _median_ms(step, set_grads, device, warmup, repeats)
+            row["warmup_s"] = time.perf_counter() - start
             row["peak_extra_bytes"] = _peak_bytes(step, set_grads, device)
         except Exception as exc:
             row["note"] = f"failed: {type(exc).__name__}: {exc}"
-            row.pop("step_ms", None)
-        rows.append(row)
-    times = {r["impl"]: r["step_ms"] for r in rows if "step_ms" in r}
-    reference = times.get("mechanic_pytorch")
-    for row in rows:
-        if "step_ms" not in row:
             continue
+        steps[impl], setters[impl] = step, set_grads
+
+    floor = _floor_ms(shapes, dtype, device, warmup, repeats)
+    times: Dict[str, List[float]] = {impl: [] for impl in steps}
+    for _ in range(repeats):
+        for impl, step in steps.items():
+            times[impl].append(_median_ms(step, setters[impl], device, 0, 1))
+    medians = {impl: statistics.median(t) for impl, t in times.items()}
+    reference = medians.get("mechanic_pytorch")
+    for row in rows:
+        row["floor_ms"] = floor
+        if row["impl"] not in medians:
+            continue
+        row["step_ms"] = medians[row["impl"]]
         # Mechanic's own overhead: against the bare step run the same way (compiled against compiled)
-        base = times.get("base_compiled" if row["impl"].endswith("compiled") else "base")
+        base = medians.get("base_compiled" if row["impl"].endswith("compiled") else "base")
         if base is not None:
             row["overhead_ms"] = row["step_ms"] - base
             row["overhead_over_floor"] = row["overhead_ms"] / floor
