@@ -30,6 +30,23 @@ from ._config import MechanicConfig
 logger = logging.getLogger("mechanic_fast")
 
 _STATE_KEY = "mechanic"
+# per-parameter state of torch.optim optimizers that always has the parameter's shape
+_PARAM_SHAPED_STATE = frozenset(
+    {
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "square_avg",
+        "grad_avg",
+        "sum",
+        "acc_delta",
+        "exp_inf",
+        "ax",
+        "prev",
+        "step_size",
+    }
+)
 
 
 class _Group(NamedTuple):
@@ -412,12 +429,34 @@ class Mechanic(torch.optim.Optimizer):
         # the step count (a sync, fine at load time) also numbers the log lines of the resumed run
         return fresh, int(saved["count"].item()) if "count" in saved else 0
 
+    def _mechanic_check_base_state(self, base_sd: Dict[str, Any]) -> None:
+        """Refuse a base checkpoint of another model before torch would load it: per-parameter state
+        tensors of torch's optimizers that have the parameter's shape must have this parameter's shape."""
+        index = self._mechanic_param_index()
+        groups = base_sd.get("param_groups", [])
+        if sum(len(g["params"]) for g in groups) != len(index):
+            raise ValueError(
+                f"checkpoint holds {sum(len(g['params']) for g in groups)} parameters, "
+                f"this optimizer has {len(index)}"
+            )
+        for i, per_param in base_sd.get("state", {}).items():
+            p = index.get(int(i))
+            if p is None:
+                raise ValueError(f"checkpoint has state for parameter {i}, this optimizer has {len(index)}")
+            for key, value in per_param.items():
+                if key in _PARAM_SHAPED_STATE and torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(
+                        f"checkpoint's {key} for parameter {i} has shape {tuple(value.shape)}, "
+                        f"the parameter has shape {tuple(p.shape)}"
+                    )
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic then starts afresh from
         the current parameters). Everything is validated before anything is overwritten."""
         base_sd = dict(state_dict)
         saved = base_sd.pop(_STATE_KEY, None)
         parsed = self._mechanic_parse(saved) if saved is not None else None
+        self._mechanic_check_base_state(base_sd)
         super().load_state_dict(base_sd)
         if parsed is None:
             self._mechanic_reset_state()

@@ -151,3 +151,26 @@ def test_foreign_checkpoint_is_refused_before_anything_changes():
         opt.load_state_dict(mechanize(torch.optim.Adam, variant="mechanic_pytorch")(x, lr=0.01).state_dict())
     assert torch.equal(opt._mechanic["tuner"].s, before_s)
     assert opt.state_dict()["state"][0]["exp_avg"].shape == before["state"][0]["exp_avg"].shape
+
+
+def test_plain_base_checkpoint_of_another_model_is_refused_before_anything_changes():
+    problem = make_problem(torch.float32)
+    x = problem.params()
+    opt = mechanize(torch.optim.Adam)(x, lr=0.01)
+    for t in range(2):
+        problem.grad_step(x, t)
+        opt.step()
+    before_s = opt._mechanic["tuner"].s.clone()
+    before_avg = opt.state[x[0]]["exp_avg"].clone()
+    other = make_problem(torch.float32, shapes=((3, 3), (5,), (3, 4, 2), (11,)))
+    y = other.params()
+    plain = torch.optim.Adam(y, lr=0.01)
+    other.grad_step(y, 0)
+    plain.step()
+    with pytest.raises(ValueError, match="exp_avg for parameter 0 has shape"):
+        opt.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="parameters"):
+        opt.load_state_dict(torch.optim.Adam(y[:3], lr=0.01).state_dict())
+    assert torch.equal(opt._mechanic["tuner"].s, before_s) and torch.equal(
+        opt.state[x[0]]["exp_avg"], before_avg
+    )
