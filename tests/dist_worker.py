@@ -6,6 +6,7 @@ Writes the final parameters (full tensors) and Mechanic's scale to OUT (rank 0 o
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -19,7 +20,8 @@ from dist_problem import STEPS, batch, make_model, make_opt  # noqa: E402
 def main() -> None:
     mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bounded timeout: if the other rank dies, fail instead of waiting for torch's default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     model = make_model()
     if mode == "ddp":
@@ -59,7 +61,11 @@ def main() -> None:
             {"params": [p.detach() for p in params], "scale": opt.mechanic_scale, "collectives": collectives},
             out,
         )
-    dist.destroy_process_group()
+    # Both ranks are done with collectives here; gloo's teardown (destroy_process_group) sometimes hangs
+    # in the rank that leaves second, so end the worker without it.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

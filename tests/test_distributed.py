@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,26 +23,36 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_two_ranks(mode: str, tmp_path) -> dict:
-    out, port = str(tmp_path / f"{mode}.pt"), free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker.py"), mode, str(r), "2", port, out],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+def run_two_ranks(mode: str, tmp_path, attempts: int = 3) -> dict:
+    """Run both ranks; if one fails, stop the other at once (no waiting on a dead peer) and show both
+    logs. A port taken between choosing it and binding it is retried with a new one."""
+    out = str(tmp_path / f"{mode}.pt")
+    for attempt in range(attempts):
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "dist_worker.py"), mode, str(r), "2", port, out],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for r in range(2)
+        ]
+        deadline = time.monotonic() + 240
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        logs = "\n".join(
+            f"--- rank {r} (exit {p.wait()})\n{p.stdout.read().decode()}" for r, p in enumerate(procs)
         )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0].decode())
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return torch.load(out, weights_only=False)
+        if all(p.returncode == 0 for p in procs):
+            return torch.load(out, weights_only=False)
+        if "address already in use" not in logs.lower() or attempt == attempts - 1:
+            raise AssertionError(logs)
+    raise AssertionError("unreachable")
 
 
 def single_process() -> dict:
