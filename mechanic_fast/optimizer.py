@@ -3,14 +3,13 @@
 The class here only orchestrates and keeps state: the scalar math is `tuner`, the O(d) work is a backend
 (`_foreach` or `_triton`, chosen in `_backend`). One step, with x_t the parameters before it:
 
-1. inner products over all parameters with a gradient (before the base step, so gradients need no copy),
-   plus a copy of x_t;
-2. the paper variant updates the tuner here (h only needs g, x_t, x_ref);
-3. the base optimizer's own step gives x_base;
-4. the mechanic_pytorch variant needs x_base for its weight-decay term, so its tuner update comes here;
-5. x = x_ref + S * (Delta + x_base - x_t).
+1. `_mechanic_pre`: inner products over all parameters with a gradient (before the base step, so
+   gradients need no copy), plus a copy of x_t; with DTensor parameters, one all-reduce of the sums;
+2. the base optimizer's own step gives x_base;
+3. `_mechanic_post`: (mechanic_pytorch only: the sums of its weight-decay term, which uses x_base) the tuner
+   step, then x = x_ref + S * (Delta + x_base - x_t).
 
-Nothing in a step reads a tensor's value on the host, except on logging steps.
+Nothing in a step reads a tensor's value on the host, except on logging steps and with skip_nonfinite.
 """
 
 from __future__ import annotations
