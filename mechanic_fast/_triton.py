@@ -12,7 +12,6 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -161,4 +160,4 @@ def apply_update(
     )
 
 
-__all__ = ["FlatCopy", "apply_update", "inner_products", "triton"]
+__all__ = ["apply_update", "inner_products"]

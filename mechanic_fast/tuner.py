@@ -16,9 +16,6 @@ from torch import Tensor
 
 from ._config import MechanicConfig
 
-# Indices into the `sums` vector the backends return.
-DELTA_GRAD, DELTA_PARAM, GRAD_SQ, PARAM_SQ = range(4)
-
 
 class TunerState(NamedTuple):
     s: Tensor  # s_j, per-beta scale
