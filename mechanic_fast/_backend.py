@@ -26,7 +26,12 @@ def triton_runnable(device: torch.device) -> bool:
 
 
 def select(name: str, device: torch.device) -> ModuleType:
-    """Resolve a backend name for tensors on `device`. An explicit "triton" never falls back."""
+    """Resolve a backend name for tensors on `device`. An explicit "triton" never falls back to foreach
+    in eager mode; while torch.compile traces the step, the foreach code is what it should see (inductor
+    fuses it into its own kernels, and the Triton launcher's host-built pointer tables cannot be traced
+    or captured in a CUDA graph)."""
+    if torch.compiler.is_compiling():
+        return _foreach
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_importable() else "foreach"
     if name == "foreach":

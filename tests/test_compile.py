@@ -97,3 +97,19 @@ def test_inductor_foreach_copy_hazard_that_the_commit_avoids():
     if torch.equal(results[0], results[1]):
         pytest.skip("inductor orders _foreach_copy_ correctly in this torch version")
     assert results[0].tolist() == [-0.5] * 3  # eager is right; the compiled commit would be wrong
+
+
+def test_compiled_step_traces_the_foreach_code_even_with_backend_triton():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs CUDA or its interpreter")
+    eager, eager_opt, _ = _train(
+        lambda ps: mechanize(torch.optim.AdamW, backend="foreach")(ps, lr=1e-3), steps=8
+    )
+    comp, comp_opt, frames = _train(
+        lambda ps: mechanize(torch.optim.AdamW, backend="triton")(ps, lr=1e-3), compile_whole=True, steps=8
+    )
+    assert frames[-1] <= 2
+    torch.testing.assert_close(comp_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
