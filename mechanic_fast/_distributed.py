@@ -40,3 +40,24 @@ def all_reduce(sums: Tensor, groups: Tuple[Any, ...]) -> Tensor:
     for group in groups:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return sums
+
+
+def shard_like(p: Tensor, value: Tensor) -> Tensor:
+    """`value` (of p's global shape) with p's layout: a full plain tensor becomes p's local shard
+    (each rank cuts its own, no communication), anything else is returned as it is."""
+    if not is_dtensor(p) or is_dtensor(value):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    local_device = p.to_local().device
+    return distribute_tensor(value.to(local_device), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def like(p: Tensor, local_value: Tensor) -> Tensor:
+    """A DTensor with p's mesh and placements around `local_value` (p's local shard shape) when p is a
+    DTensor; `local_value` itself otherwise."""
+    if not is_dtensor(p):
+        return local_value
+    return DTensor.from_local(
+        local_value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )

@@ -47,20 +47,23 @@ def gather(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
-    """The 1-D storage `tensors` tile in order, without copying, or None if they do not."""
+    """The 1-D storage `tensors` tile in order, without copying, or None if they do not.
+
+    Tiling is read from the storage and offsets, not from `Tensor._base`, so buffers that lost their view
+    relation (a deepcopy or unpickled optimizer keeps the shared storage, not `_base`) still qualify.
+    """
     if isinstance(tensors, FlatCopy):
         return tensors.flat
     if torch.compiler.is_compiling():
         return None
-    base = tensors[0]._base
-    if base is None or not base.is_contiguous():
-        return None
-    start = offset = tensors[0].storage_offset()
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    start = offset = first.storage_offset()
     for t in tensors:
-        if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset:
+        if not t.is_contiguous() or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage:
             return None
         offset += t.numel()
-    return base.as_strided((offset - start,), (1,), start)  # one view op
+    return first.as_strided((offset - start,), (1,), start)  # one view op
 
 
 def flat(tensors: TensorsOrCopy) -> Tensor:

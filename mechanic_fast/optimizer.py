@@ -1,7 +1,8 @@
 """`mechanize`: wrap any torch optimizer in the Mechanic learning-rate tuner.
 
-The class here only orchestrates and keeps state: the scalar math is `tuner`, the O(d) work is a backend
-(`_foreach` or `_triton`, chosen in `_backend`). One step, with x_t the parameters before it:
+The class here only orchestrates: the scalar math is `tuner`, the O(d) work is a backend (`_foreach` or
+`_triton`, chosen in `_backend`), and where the state lives (inside torch's `state` and `param_groups`)
+is `_state`. One step, with x_t the parameters before it:
 
 1. `_mechanic_pre`: inner products over all parameters with a gradient (before the base step, so
    gradients need no copy), plus a copy of x_t; with DTensor parameters, one all-reduce of the sums;
@@ -14,8 +15,11 @@ Nothing in a step reads a tensor's value on the host, except on logging steps an
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+import weakref
+from collections import OrderedDict
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -23,29 +27,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _backend, _distributed, _foreach, tuner
+from . import _backend, _distributed, _state, tuner
 from ._config import MechanicConfig
 
 logger = logging.getLogger("mechanic_fast")
-
-_STATE_KEY = "mechanic"
-# per-parameter state of torch.optim optimizers that always has the parameter's shape
-_PARAM_SHAPED_STATE = frozenset(
-    {
-        "exp_avg",
-        "exp_avg_sq",
-        "max_exp_avg_sq",
-        "momentum_buffer",
-        "square_avg",
-        "grad_avg",
-        "sum",
-        "acc_delta",
-        "exp_inf",
-        "ax",
-        "prev",
-        "step_size",
-    }
-)
 
 
 class _Group(NamedTuple):
@@ -68,53 +53,83 @@ class Mechanic(torch.optim.Optimizer):
     """Mixin that turns a torch optimizer into its Mechanic-tuned version; built by `mechanize`."""
 
     _mechanic_config: MechanicConfig
+    _mechanic_base_class: type
     _mechanic_log_func: Callable[[Dict[str, Any]], Any]
     _mechanic_base_step_fn: Callable[..., Any]
     _mechanic_base_sets_grad_mode: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._mechanic_reset()
+        self._mechanic_attach()
+        self._mechanic_tuner_entry()  # the tuner exists from the start, like the options it records
 
-    def _mechanic_reset(self) -> None:
-        self._mechanic_reset_state()
+    def _mechanic_attach(self) -> None:
+        """Instance attributes beside the state (after construction, unpickling or `mechanize(opt)`)."""
+        # steps skipped for non-finite gradients (skip_nonfinite=True)
+        self.__dict__.setdefault("mechanic_skipped_steps", 0)
         # GradScaler must unscale gradients before our inner products read them, so it may not hand the
         # scale to a fused base kernel that would unscale them only inside the base step.
         self._step_supports_amp_scaling = False
+        self._mechanic_reset_caches()
+
+    def _mechanic_reset_caches(self) -> None:
+        """Host-side caches derived from the state: never saved or copied, rebuilt when needed."""
+        self._mechanic_const: Optional[Tuple[Tuple[Any, ...], tuner.Constants]] = None
+        self._mechanic_compiled: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None
+        self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
+        self._mechanic_acc_dtype = torch.float32
+
+    # ------------------------------------------------------------------------- copy and pickle
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["mechanic_skipped_steps"] = self.mechanic_skipped_steps
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._mechanic_attach()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time, so pickle cannot find it by name: rebuild it from what made it.
+        log_func = self._mechanic_log_func
+        log_func = None if log_func is _default_log_func else log_func
+        args = (self._mechanic_base_class, self._mechanic_config, log_func)
+        return (_rebuild, args, self.__getstate__())
 
     # ----------------------------------------------------------------------------------------- state
-    def _mechanic_reset_state(self) -> None:
-        """Start Mechanic afresh: x_ref is taken from the parameters at the next step."""
-        self._mechanic: Dict[str, Any] = {
-            "tuner": None,  # TunerState, created at the first step on the parameters' device
-            "const": None,  # betas on the device
-            "count": None,  # steps taken, as a device tensor (no host int that compiled code would guard on)
-            "x_ref": {},  # param -> reference point x_ref (x_0 in the paper)
-            "delta": {},  # param -> Delta (only with store_delta=True)
-        }
-        self._mechanic_log_count = 0
-        self._mechanic_compiled: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None
-        self._mechanic_acc_dtype = torch.float32
-        self.mechanic_skipped_steps = 0  # steps skipped for non-finite gradients (skip_nonfinite=True)
-
     def _mechanic_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
     def _mechanic_device(self) -> torch.device:
-        params = self._mechanic_params()
-        return params[0].device if params else torch.device("cpu")
+        for group in self.param_groups:
+            if group["params"]:
+                return group["params"][0].device
+        return torch.device("cpu")
 
     def _mechanic_ref_dtype(self, p: Tensor) -> torch.dtype:
         low = p.dtype in (torch.float16, torch.bfloat16)
         return torch.float32 if self._mechanic_config.ref_dtype == "float32" and low else p.dtype
 
-    def _mechanic_init_tuner(self, dtypes: set[torch.dtype]) -> None:
-        cfg = self._mechanic_config
-        device = self._mechanic_device()
-        dtype = tuner.state_dtype(cfg, dtypes)
-        self._mechanic["tuner"] = tuner.initial_state(cfg, device, dtype)
-        self._mechanic["const"] = tuner.constants(cfg, device, dtype)
-        self._mechanic["count"] = torch.zeros((), dtype=torch.int64, device=device)
+    def _mechanic_tuner_entry(self) -> Dict[str, Any]:
+        """The tuner in param_groups[0], created in its initial state where it is missing (a new
+        optimizer, or one that loaded a plain base checkpoint) and moved to where the parameters are."""
+        group = self.param_groups[0]
+        entry = group.get(_state.TUNER_KEY)
+        if entry is None:
+            cfg = self._mechanic_config
+            dtype = tuner.state_dtype(cfg, {p.dtype for p in self._mechanic_params()})
+            entry = group[_state.TUNER_KEY] = _state.new_tuner(cfg, self._mechanic_device(), dtype)
+        elif entry["s"].device != self._mechanic_device():  # the model moved after the optimizer was made
+            device = self._mechanic_device()
+            for name in (*tuner.TunerState._fields, "step"):
+                entry[name] = entry[name].to(device)
+        return entry
+
+    def _mechanic_constants(self, like: Tensor) -> tuner.Constants:
+        key = (like.device, like.dtype)
+        if self._mechanic_const is None or self._mechanic_const[0] != key:
+            self._mechanic_const = (key, tuner.constants(self._mechanic_config, like.device, like.dtype))
+        return self._mechanic_const[1]
 
     @property
     def mechanic_scale(self) -> Tensor:
@@ -122,12 +137,8 @@ class Mechanic(torch.optim.Optimizer):
 
         The effective learning rate of a group is ``mechanic_scale * group["lr"]``.
         """
-        state = self._mechanic["tuner"]
-        if state is None:
-            cfg = self._mechanic_config
-            init = cfg.s_init * len(cfg.betas) if cfg.variant == "paper" else 0.0
-            return torch.tensor(init, dtype=torch.float32, device=self._mechanic_device())
-        return tuner.effective_scale(state, self._mechanic_config).to(torch.float32)
+        entry = self._mechanic_tuner_entry()
+        return tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config).to(torch.float32)
 
     # ------------------------------------------------------------------------------------------ step
     def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor]]:
@@ -149,6 +160,21 @@ class Mechanic(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(g)
         return params, grads
+
+    def _mechanic_lr_is_zero(self) -> bool:
+        """Every group's lr is 0 (read on the host: a Python number, or a CPU tensor in eager mode).
+
+        Such a step is how torch.distributed.checkpoint creates an optimizer's state (zero gradients,
+        lr 0); the base does not move, so neither does Mechanic (see `step`)."""
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if torch.is_tensor(lr):
+                if lr.device.type != "cpu" or torch.compiler.is_compiling() or lr.numel() != 1:
+                    return False  # reading it would sync with the device, or guard a compiled graph
+                lr = lr.item()
+            if not isinstance(lr, (int, float)) or lr != 0:
+                return False
+        return bool(self.param_groups)
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """Run the base optimizer's own step, bypassing its step hooks (ours already fire around this)."""
@@ -174,40 +200,65 @@ class Mechanic(torch.optim.Optimizer):
 
         return func(self, closure_once)
 
-    def _mechanic_groups(self, params: List[Tensor], grads: List[Tensor]) -> List[_Group]:
-        """Aligned lists of local tensors per reduction domain and device/dtype; creates x_ref (and
-        Delta) for parameters seen for the first time."""
-        cfg = self._mechanic_config
-        state = self._mechanic
-        new = [p for p in params if p not in state["x_ref"]]
-        if new:  # x_ref = x_t on a parameter's first step (Delta = 0)
-            state["x_ref"].update(_tiled({p: p.detach() for p in new}, self._mechanic_ref_dtype))
-            if cfg.store_delta:
-                zeros = {p: torch.zeros_like(state["x_ref"][p]) for p in new}
-                state["delta"].update(_tiled(zeros, self._mechanic_ref_dtype))
+    def _mechanic_refs(self, params: List[Tensor]) -> Tuple[Dict[Tensor, Dict[str, Tensor]], bool]:
+        """x_ref (and Delta) of `params`, and whether they are new and must be committed to `state`.
+
+        A parameter seen for the first time gets x_ref = x_t (Delta = 0). Then every parameter that has
+        Mechanic state is laid out anew so that each device/dtype tiles one flat buffer (a one-time
+        copy; later steps read the buffer without a gather)."""
+        state = self.state
+        refs = {p: state[p] for p in params if p in state and _state.X_REF in state[p]}
+        if len(refs) == len(params):
+            return refs, False
+        known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.X_REF in s}
+        values = {p: s[_state.X_REF] for p, s in known.items()}
+        values.update((p, p.detach()) for p in params if p not in known)
+        x_refs = _state.tiled(values, self._mechanic_ref_dtype)
+        fresh = {p: {_state.X_REF: x} for p, x in x_refs.items()}
+        if self._mechanic_config.store_delta:
+            deltas = {
+                p: known[p][_state.DELTA] if p in known else torch.zeros_like(x) for p, x in x_refs.items()
+            }
+            for p, d in _state.tiled(deltas, self._mechanic_ref_dtype).items():
+                fresh[p][_state.DELTA] = d
+        return fresh, True
+
+    @torch._dynamo.disable  # traced in one frame with the base step, torch 2.13's dynamo drops the state
+    def _mechanic_commit(self, refs: Dict[Tensor, Dict[str, Tensor]]) -> None:
+        """Put new per-parameter state in place. Done after the base step: torch's
+        optimizers create their own state only while a parameter's state is empty. Runs eagerly (the
+        base just created in the same defaultdict entries); only steps that create state come here."""
+        for p, tensors in refs.items():
+            self.state[p].update(tensors)
+
+    def _mechanic_groups(
+        self, params: List[Tensor], grads: List[Tensor], refs: Dict[Tensor, Dict[str, Tensor]]
+    ) -> List[_Group]:
+        """Aligned lists of local tensors per reduction domain, device and dtype."""
+        store_delta = self._mechanic_config.store_delta
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
-        domains: Dict[Tuple[Any, ...], List[int]] = {}
+        buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
-            domains.setdefault(_distributed.reduce_groups(p), []).append(i)
+            local = _distributed.local(p)
+            buckets.setdefault((_distributed.reduce_groups(p), local.device, local.dtype), []).append(i)
         groups = []
-        for reduce_over, idx in domains.items():
-            lists = [
-                [_distributed.local(params[i]) for i in idx],
-                [_distributed.local(grads[i]) for i in idx],
-                [_distributed.local(state["x_ref"][params[i]]) for i in idx],
-            ]
-            if cfg.store_delta:
-                lists.append([_distributed.local(state["delta"][params[i]]) for i in idx])
-            for _, (grouped, _) in self._group_tensors_by_device_and_dtype(lists).items():
-                impl = _backend.select(cfg.backend, grouped[0][0].device)
-                deltas = grouped[3] if cfg.store_delta else None
-                groups.append(_Group(grouped[0], grouped[1], grouped[2], deltas, impl, reduce_over))
+        for (reduce_over, device, _), idx in buckets.items():
+            ps = [params[i] for i in idx]
+            groups.append(
+                _Group(
+                    [_distributed.local(p) for p in ps],
+                    [_distributed.local(grads[i]) for i in idx],
+                    [_distributed.local(refs[p][_state.X_REF]) for p in ps],
+                    [_distributed.local(refs[p][_state.DELTA]) for p in ps] if store_delta else None,
+                    _backend.select(self._mechanic_config.backend, device),
+                    reduce_over,
+                )
+            )
         return groups
 
-    def _mechanic_total(self, parts: List[Tuple[Tensor, Tuple[Any, ...]]]) -> Tensor:
+    def _mechanic_total(self, parts: List[Tuple[Tensor, Tuple[Any, ...]]], device: torch.device) -> Tensor:
         """Sum per-group sums on the tuner's device: one all-reduce per reduction domain (one in all for
         FSDP2), never one per tensor."""
-        device = self._mechanic["tuner"].s.device
         by_domain: Dict[Tuple[Any, ...], List[Tensor]] = {}
         for sums, reduce_over in parts:
             by_domain.setdefault(reduce_over, []).append(sums.to(device, non_blocking=True))
@@ -217,7 +268,7 @@ class Mechanic(torch.optim.Optimizer):
             totals.append(_distributed.all_reduce(total, reduce_over))
         return torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
 
-    def _mechanic_pre(self, groups: List[_Group]) -> Tuple[Tensor, List[Any]]:
+    def _mechanic_pre(self, groups: List[_Group], device: torch.device) -> Tuple[Tensor, List[Any]]:
         """Inner products over every parameter with a gradient, and the x_t copies (before the base step,
         so gradients need no copy)."""
         cfg = self._mechanic_config
@@ -234,12 +285,19 @@ class Mechanic(torch.optim.Optimizer):
             )
             parts.append((sums, grp.reduce_over))
             copies.append(copy)
-        return self._mechanic_total(parts), copies
+        return self._mechanic_total(parts, device), copies
 
-    def _mechanic_post(self, groups: List[_Group], copies: List[Any], sums: Tensor) -> None:
+    def _mechanic_post(
+        self,
+        groups: List[_Group],
+        copies: List[Any],
+        sums: Tensor,
+        old: tuner.TunerState,
+        const: tuner.Constants,
+        count: Tensor,
+    ) -> None:
         """The tuner step and x = x_ref + S_new * (Delta + u), after the base step gave x_base."""
         cfg = self._mechanic_config
-        state = self._mechanic
         if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
             parts = []
             for grp, copy in zip(groups, copies):
@@ -251,9 +309,8 @@ class Mechanic(torch.optim.Optimizer):
                     acc_dtype=self._mechanic_acc_dtype,
                 )
                 parts.append((post, grp.reduce_over))
-            sums = sums + self._mechanic_total(parts)
-        old = state["tuner"]
-        new, scale, denom = tuner.step(old, sums, state["const"], cfg)
+            sums = sums + self._mechanic_total(parts, old.s.device)
+        new, scale, denom = tuner.step(old, sums, const, cfg)
         for grp, copy in zip(groups, copies):
             device = grp.params[0].device
             grp.impl.apply_update(
@@ -268,7 +325,7 @@ class Mechanic(torch.optim.Optimizer):
         # 2.13) fuses it so that r_new reads the already-overwritten s; see test_compile.py.
         for buf, value in zip(old, new):
             buf.copy_(value)
-        state["count"].add_(1)
+        count.add_(1)
 
     def _mechanic_fns(self) -> Tuple[Callable[..., Any], Callable[..., Any]]:
         if not self._mechanic_config.compile:
@@ -281,7 +338,13 @@ class Mechanic(torch.optim.Optimizer):
         return self._mechanic_compiled
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """One mechanized step. Returns the closure's loss when a closure is given."""
+        """One mechanized step. Returns the closure's loss when a closure is given.
+
+        A step in which every group's lr is 0 only creates Mechanic's state where it is missing (x_ref
+        = the current parameters, a fresh tuner) and runs the base step: with no base update there is
+        nothing for Mechanic to scale, and a tuner step would still move the parameters along Delta.
+        This is the step torch.distributed.checkpoint takes to create an optimizer's state.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -291,205 +354,167 @@ class Mechanic(torch.optim.Optimizer):
         if not params:
             return self._mechanic_base_step(closure, loss)
 
-        state = self._mechanic
-        fresh_tuner = state["tuner"] is None
-        known = set(state["x_ref"]) if cfg.skip_nonfinite else None
-        if fresh_tuner:
-            dtypes = {p.dtype for p in params}
-            self._mechanic_init_tuner(dtypes)
-            if not cfg.store_delta and dtypes & {torch.float16, torch.bfloat16}:
-                warnings.warn(
-                    "Mechanic on float16/bfloat16 parameters needs store_delta=True: recomputing Delta "
-                    "as (x - x_ref) / S loses it while S * Delta is below the parameters' resolution, "
-                    "and the scale then cannot grow. Add ref_dtype='float32' to keep x_ref and Delta "
-                    "in float32.",
-                    stacklevel=2,
-                )
+        entry = self._mechanic_tuner_entry()
+        with torch.no_grad():
+            refs, new_refs = self._mechanic_refs(params)
+        if new_refs and not cfg.store_delta and any(p.dtype in (torch.float16, torch.bfloat16) for p in refs):
+            warnings.warn(
+                "Mechanic on float16/bfloat16 parameters needs store_delta=True: recomputing Delta "
+                "as (x - x_ref) / S loses it while S * Delta is below the parameters' resolution, "
+                "and the scale then cannot grow. Add ref_dtype='float32' to keep x_ref and Delta "
+                "in float32.",
+                stacklevel=2,
+            )
+        if self._mechanic_lr_is_zero():
+            result = self._mechanic_base_step(closure, loss)
+            if new_refs:
+                self._mechanic_commit(refs)
+            return loss if closure is not None else result
+
         self._mechanic_acc_dtype = (
             torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         )
         pre, post = self._mechanic_fns()
+        old = _state.tuner_state(entry)
         with torch.no_grad():
-            groups = self._mechanic_groups(params, grads)
-            sums, copies = pre(groups)
+            groups = self._mechanic_groups(params, grads, refs)
+            sums, copies = pre(groups, old.s.device)
             # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite.
+            # Nothing new was committed yet, so a skipped step leaves no trace.
             if cfg.skip_nonfinite and not bool(torch.isfinite(sums).all()):
-                self._mechanic_undo_new(known, fresh_tuner)
                 self.mechanic_skipped_steps += 1
                 return loss
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
-            post(groups, copies, sums)
+            post(groups, copies, sums, old, self._mechanic_constants(old.s), entry["step"])
+        if new_refs:
+            self._mechanic_commit(refs)
 
         if cfg.log_every > 0:
-            self._mechanic_log()
+            self._mechanic_log(entry)
         return loss if closure is not None else result
 
-    def _mechanic_undo_new(self, known: set[Tensor], fresh_tuner: bool) -> None:
-        """Forget what a skipped step created, so that it leaves no trace."""
-        state = self._mechanic
-        for p in [p for p in state["x_ref"] if p not in known]:
-            del state["x_ref"][p]
-            state["delta"].pop(p, None)
-        if fresh_tuner:
-            state.update(tuner=None, const=None, count=None)
-
     @torch._dynamo.disable
-    def _mechanic_log(self) -> None:
+    def _mechanic_log(self, entry: Dict[str, Any]) -> None:
         """Logging steps are the only ones that read a value on the host. Steps are counted on the host
         only when logging is on (a host counter in compiled code would be guarded on and recompiled)."""
+        if self._mechanic_log_count is None:  # resumed or copied: one sync to number the lines on
+            self._mechanic_log_count = int(entry["step"]) - 1
         self._mechanic_log_count += 1
         if self._mechanic_log_count % self._mechanic_config.log_every == 0:
-            scale = self._mechanic["tuner"].s.sum().item()
+            scale = entry["s"].sum().item()
             self._mechanic_log_func({"iter_count": self._mechanic_log_count, "s": scale})
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _mechanic_param_index(self) -> Dict[int, Tensor]:
-        """Index -> parameter, numbered as `Optimizer.state_dict` numbers them."""
-        index: Dict[int, Tensor] = {}
-        seen = set()
-        for p in self._mechanic_params():
-            if id(p) not in seen:
-                seen.add(id(p))
-                index[len(index)] = p
-        return index
-
-    def _mechanic_state_dict(self) -> Dict[str, Any]:
-        cfg = self._mechanic_config
-        state = self._mechanic
-        pos = {id(p): i for i, p in self._mechanic_param_index().items()}
-        out: Dict[str, Any] = {
-            "variant": cfg.variant,
-            "betas": tuple(cfg.betas),
-            "store_delta": cfg.store_delta,
-            "x_ref": {pos[id(p)]: t for p, t in state["x_ref"].items()},
-            "delta": {pos[id(p)]: t for p, t in state["delta"].items()},
-        }
-        if state["tuner"] is not None:
-            out.update(state["tuner"]._asdict())
-            out["count"] = state["count"]
-        return out
-
-    def state_dict(self) -> Dict[str, Any]:
-        sd = super().state_dict()
-        sd[_STATE_KEY] = self._mechanic_state_dict()
-        return sd
-
-    def _mechanic_parse(self, saved: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
-        """Validate a saved Mechanic state against this optimizer and build it on the parameters' devices,
-        without touching the live state."""
-        cfg = self._mechanic_config
-        for key, mine in (
-            ("variant", cfg.variant),
-            ("betas", tuple(cfg.betas)),
-            ("store_delta", cfg.store_delta),
-        ):
-            theirs = saved.get(key)
-            if key == "betas" and theirs is not None:
-                theirs = tuple(float(b) for b in theirs)
-            if theirs != mine:
-                raise ValueError(
-                    f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}"
-                )
-        index = self._mechanic_param_index()
-        fresh: Dict[str, Any] = {"x_ref": {}, "delta": {}}
-        for key in ("x_ref", "delta"):
-            for i, t in sorted(saved.get(key, {}).items()):
-                p = index.get(int(i))
-                if p is None:
-                    raise ValueError(
-                        f"checkpoint has Mechanic {key} for parameter {i}, but this optimizer has only "
-                        f"{len(index)} parameters"
-                    )
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"checkpoint's Mechanic {key} for parameter {i} has shape {tuple(t.shape)}, "
-                        f"the parameter has shape {tuple(p.shape)}"
-                    )
-                fresh[key][p] = t.detach().to(device=p.device)
-            fresh[key] = _tiled(fresh[key], self._mechanic_ref_dtype)
-        if "s" in saved:
-            device = self._mechanic_device()
-            dtype = saved["s"].dtype
-            n = len(cfg.betas)
-            for name in tuner.TunerState._fields:
-                if tuple(saved[name].shape) != (n,):
-                    raise ValueError(
-                        f"checkpoint's Mechanic {name} has shape {tuple(saved[name].shape)}, expected ({n},)"
-                    )
-            fresh["tuner"] = tuner.TunerState(
-                *(saved[name].to(device=device, dtype=dtype, copy=True) for name in tuner.TunerState._fields)
-            )
-            fresh["const"] = tuner.constants(cfg, device, dtype)
-            fresh["count"] = saved["count"].to(device=device, copy=True)
-        else:
-            fresh.update(tuner=None, const=None, count=None)
-        # the step count (a sync, fine at load time) also numbers the log lines of the resumed run
-        return fresh, int(saved["count"].item()) if "count" in saved else 0
-
-    def _mechanic_check_base_state(self, base_sd: Dict[str, Any]) -> None:
-        """Refuse a base checkpoint of another model before torch would load it: per-parameter state
-        tensors of torch's optimizers that have the parameter's shape must have this parameter's shape."""
-        index = self._mechanic_param_index()
-        groups = base_sd.get("param_groups", [])
-        if sum(len(g["params"]) for g in groups) != len(index):
-            raise ValueError(
-                f"checkpoint holds {sum(len(g['params']) for g in groups)} parameters, "
-                f"this optimizer has {len(index)}"
-            )
-        for i, per_param in base_sd.get("state", {}).items():
-            p = index.get(int(i))
-            if p is None:
-                raise ValueError(f"checkpoint has state for parameter {i}, this optimizer has {len(index)}")
-            for key, value in per_param.items():
-                if key in _PARAM_SHAPED_STATE and torch.is_tensor(value) and value.shape != p.shape:
-                    raise ValueError(
-                        f"checkpoint's {key} for parameter {i} has shape {tuple(value.shape)}, "
-                        f"the parameter has shape {tuple(p.shape)}"
-                    )
-
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic then starts afresh from
-        the current parameters). Everything is validated before anything is overwritten."""
-        base_sd = dict(state_dict)
-        saved = base_sd.pop(_STATE_KEY, None)
-        parsed = self._mechanic_parse(saved) if saved is not None else None
-        self._mechanic_check_base_state(base_sd)
-        super().load_state_dict(base_sd)
-        if parsed is None:
-            self._mechanic_reset_state()
-        else:
-            self._mechanic, self._mechanic_log_count = parsed
+        """Load a mechanized checkpoint (also round 1's layout), or a plain base-optimizer one (Mechanic
+        then starts afresh from the current parameters at the next step).
+
+        torch's contract holds: load-state-dict pre-hooks run first and may replace the checkpoint, post
+        hooks see the loaded optimizer. In between, everything is validated before anything changes, and
+        Mechanic's tensors keep their dtypes (torch would cast x_ref to the parameter's dtype)."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replaced = pre_hook(self, state_dict)
+            if replaced is not None:
+                state_dict = replaced
+        cfg = self._mechanic_config
+        torch_base = self._mechanic_base_class.__module__.startswith("torch.optim")
+        base_sd, per_param, entry = _state.parse(self, cfg, state_dict, self._mechanic_ref_dtype, torch_base)
+        pre_hooks, post_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(base_sd)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for p, tensors in per_param.items():
+            self.state[p].update(tensors)
+        if entry is not None:
+            self.param_groups[0][_state.TUNER_KEY] = entry
+        self._mechanic_tuner_entry()  # a plain base checkpoint: Mechanic starts afresh
+        self._mechanic_reset_caches()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
-def _tiled(values: Dict[Tensor, Tensor], dtype_of: Callable[[Tensor], torch.dtype]) -> Dict[Tensor, Tensor]:
-    """Copies of `values` (param -> tensor, in dtype_of(param)), laid out per device and dtype as views
-    tiling one flat buffer, which the foreach backend reads and updates as one tensor."""
-    out: Dict[Tensor, Tensor] = {}
-    buckets: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
-    for p, v in values.items():
-        if _distributed.is_dtensor(v) or not v.is_contiguous():
-            out[p] = v.to(dtype=dtype_of(p), copy=True)
-        else:
-            buckets.setdefault((v.device, dtype_of(p)), []).append(p)
-    for (_, dtype), params in buckets.items():
-        out.update(zip(params, _foreach.flat_clones([values[p] for p in params], dtype)))
-    return out
+def _rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
+    """An empty instance of the mechanized class (pickle and deepcopy then set its state)."""
+    kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    cls = mechanize(base, log_func=log_func, **kwargs)
+    return cls.__new__(cls)
+
+
+def _flag_step_called(opt: torch.optim.Optimizer) -> None:
+    """What torch's LRScheduler wraps `opt.step` in (it only records that the step ran), around the
+    mechanized step."""
+    opt_ref = weakref.ref(opt)
+    func = type(opt).step
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        inner = opt_ref()
+        inner._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(inner, type(inner))(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    opt.step = wrapper  # type: ignore[method-assign]
+
+
+def _unwrap(opt: Any) -> Any:
+    """The optimizer inside framework wrappers (accelerate's AcceleratedOptimizer keeps it as
+    `.optimizer`, Lightning's LightningOptimizer as `._optimizer`)."""
+    while True:
+        attrs = getattr(opt, "__dict__", {})
+        inner = attrs.get("optimizer", attrs.get("_optimizer"))
+        if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
+            return opt
+        opt = inner
 
 
 def _mechanize_instance(
-    opt: torch.optim.Optimizer, cfg: MechanicConfig, log_func: Optional[Callable[[Dict[str, Any]], Any]]
+    wrapper: torch.optim.Optimizer, cfg: MechanicConfig, log_func: Optional[Callable[[Dict[str, Any]], Any]]
 ) -> torch.optim.Optimizer:
-    """Mechanize an existing optimizer in place, keeping its state: Mechanic starts from the current
-    parameters at the next step."""
+    """Mechanize an existing optimizer in place (through framework wrappers), keeping its state:
+    Mechanic starts from the current parameters at the next step. Returns what it was given."""
+    opt = _unwrap(wrapper)
     if is_mechanized(opt):
         raise TypeError(f"{type(opt).__name__} is already mechanized")
+    # Something may hold the bare step already: after the class changes it would keep running the
+    # plain optimizer, and Mechanic would silently take no step.
+    holders = [wrapper] if wrapper is not opt else []
+    for holder in holders:
+        for name, value in vars(holder).items():
+            if getattr(value, "__self__", None) is opt and getattr(value, "__name__", "") == "step":
+                raise TypeError(
+                    f"{type(holder).__name__}.{name} holds {type(opt).__name__}'s own step (a framework "
+                    "wrapper made with a gradient scaler?); mechanize the optimizer before wrapping it"
+                )
+    instance_step = vars(opt).get("step")
+    lr_sched_wrapper = getattr(instance_step, "_wrapped_by_lr_sched", False)
+    if instance_step is not None and not lr_sched_wrapper:
+        bound_self = getattr(instance_step, "__self__", None)
+        if bound_self is not opt or getattr(instance_step, "__func__", None) is not type(opt).step:
+            raise TypeError(
+                f"{type(opt).__name__}.step was replaced on the instance by {instance_step!r}; it would "
+                "keep running the plain optimizer. Mechanize the optimizer before wrapping its step "
+                "(e.g. before a framework's prepare/setup)"
+            )
     kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     opt.__class__ = mechanize(type(opt), log_func=log_func, **kwargs)
-    opt._mechanic_reset()  # type: ignore[attr-defined]
+    if instance_step is not None:
+        del opt.step  # the class's (mechanized) step shows through again
+    opt._mechanic_attach()  # type: ignore[attr-defined]
+    opt._mechanic_tuner_entry()  # type: ignore[attr-defined]
     opt._patch_step_function()  # so step hooks wrap the mechanized step
-    return opt
+    if lr_sched_wrapper:  # torch's LR schedulers only record that the step ran: keep doing that
+        _flag_step_called(opt)
+    return wrapper
 
 
 # torch's `_use_grad_for_differentiable` wrapper, recognised by its code object.
@@ -508,7 +533,21 @@ def _unwrapped(step: Callable[..., Any]) -> Tuple[Callable[..., Any], bool]:
 
 
 def is_mechanized(opt: Any) -> bool:
-    return isinstance(opt, Mechanic)
+    """True for a mechanized optimizer, also inside accelerate's or Lightning's optimizer wrappers."""
+    return isinstance(_unwrap(opt), Mechanic)
+
+
+def mechanic_scale(opt: Any) -> Tensor:
+    """``opt.mechanic_scale`` of a mechanized optimizer, also inside framework wrappers: the factor by
+    which Mechanic multiplies every group's lr (effective lr = ``mechanic_scale(opt) * group["lr"]``)."""
+    inner = _unwrap(opt)
+    if not isinstance(inner, Mechanic):
+        raise TypeError(f"{type(inner).__name__} is not mechanized")
+    return inner.mechanic_scale
+
+
+# One class per (base, options, log_func): an optimizer, its deepcopy and its unpickled copy share it.
+_CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]]], type] = {}
 
 
 def mechanize(
@@ -530,7 +569,8 @@ def mechanize(
     """Return a subclass of ``Base`` (a ``torch.optim.Optimizer`` subclass) and of `Mechanic`.
 
     ``optimizer = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)``; see the README for
-    every option.
+    every option. Given an optimizer instance (also inside accelerate's or Lightning's wrapper), it is
+    mechanized in place and returned.
     """
     cfg = MechanicConfig(
         s_decay=s_decay,
@@ -547,21 +587,27 @@ def mechanize(
     )
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
-    if isinstance(Base, torch.optim.Optimizer):
+    if isinstance(Base, torch.optim.Optimizer) or isinstance(_unwrap(Base), torch.optim.Optimizer):
         return _mechanize_instance(Base, cfg, log_func)
     if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
         raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
     if issubclass(Base, Mechanic):
         raise TypeError(f"{Base.__name__} is already mechanized")
-    base_step, sets_grad_mode = _unwrapped(Base.step)
-    return type(
-        f"Mechanized{Base.__name__}",
-        (Mechanic, Base),
-        {
-            "_mechanic_config": cfg,
-            "_mechanic_log_func": staticmethod(log_func or _default_log_func),
-            "_mechanic_base_step_fn": staticmethod(base_step),
-            "_mechanic_base_sets_grad_mode": sets_grad_mode,
-            "__qualname__": f"Mechanized{Base.__name__}",
-        },
-    )
+    key = (Base, cfg, log_func)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        base_step, sets_grad_mode = _unwrapped(Base.step)
+        cls = _CLASSES[key] = type(
+            f"Mechanized{Base.__name__}",
+            (Mechanic, Base),
+            {
+                "_mechanic_config": cfg,
+                "_mechanic_base_class": Base,
+                "_mechanic_log_func": staticmethod(log_func or _default_log_func),
+                "_mechanic_base_step_fn": staticmethod(base_step),
+                "_mechanic_base_sets_grad_mode": sets_grad_mode,
+                "__qualname__": f"Mechanized{Base.__name__}",
+                "__module__": __name__,
+            },
+        )
+    return cls

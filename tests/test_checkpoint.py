@@ -58,25 +58,52 @@ def test_resume_is_bit_identical(variant, store_delta, tmp_path, seed):
     assert torch.equal(opt.mechanic_scale, opt_b.mechanic_scale), seed
     for a, b in zip(x, z):
         assert torch.equal(a, b), seed
-    sd, sd_b = opt.state_dict()["mechanic"], opt_b.state_dict()["mechanic"]
+    sd, sd_b = (
+        opt.state_dict()["param_groups"][0]["mechanic"],
+        opt_b.state_dict()["param_groups"][0]["mechanic"],
+    )
     for key in ("s", "r", "m", "v"):
         assert torch.equal(sd[key], sd_b[key])
-    assert sd["count"].item() == sd_b["count"].item() == 40
+    assert sd["step"].item() == sd_b["step"].item() == 40
 
 
-def test_state_dict_holds_all_mechanic_state(tmp_path):
+def test_state_dict_holds_all_mechanic_state_in_torchs_places(tmp_path):
+    """x_ref and Delta are per-parameter state, the tuner is in param_groups[0]: state_dict() has
+    exactly torch's keys, and the tuner keeps its float32 dtype even for bfloat16 parameters."""
     problem = make_problem(torch.float32)
     x = problem.params()
     opt = mechanize(torch.optim.Adam, store_delta=True)(x, lr=0.01)
     _train(problem, x, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), 3, 0)
     sd = opt.state_dict()
-    mech = sd["mechanic"]
-    assert set(mech["x_ref"]) == set(mech["delta"]) == set(range(len(x)))
-    assert set(sd["state"]) == set(range(len(x)))  # the base's own state is untouched and complete
-    assert all("exp_avg" in s and "mechanic" not in str(list(s)) for s in sd["state"].values())
+    assert set(sd) == {"state", "param_groups"}
+    assert set(sd["state"]) == set(range(len(x)))
+    for i, p in enumerate(x):
+        assert set(sd["state"][i]) == {"step", "exp_avg", "exp_avg_sq", "mechanic_x_ref", "mechanic_delta"}
+        assert sd["state"][i]["mechanic_x_ref"].shape == p.shape
+    tuner = sd["param_groups"][0]["mechanic"]
+    assert tuner["s"].shape == (6,) and tuner["step"].item() == 3 and tuner["variant"] == "paper"
     torch.save(sd, tmp_path / "o.pt")
     back = torch.load(tmp_path / "o.pt", weights_only=True)
-    assert torch.equal(back["mechanic"]["s"], mech["s"])
+    assert torch.equal(back["param_groups"][0]["mechanic"]["s"], tuner["s"])
+
+
+def test_bfloat16_parameters_keep_a_float32_tuner_and_references_through_a_load():
+    """torch's load_state_dict casts per-parameter state to the parameter's dtype; Mechanic's x_ref
+    (ref_dtype='float32') and the tuner must keep theirs."""
+    w = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    Opt = mechanize(torch.optim.AdamW, store_delta=True, ref_dtype="float32")
+    opt = Opt([w], lr=1e-2)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    sd = opt.state_dict()
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = Opt([w2], lr=1e-2)
+    opt2.load_state_dict(sd)
+    assert opt2.state[w2]["mechanic_x_ref"].dtype == torch.float32
+    assert torch.equal(opt2.state[w2]["mechanic_x_ref"], opt.state[w]["mechanic_x_ref"])
+    assert opt2.state[w2]["exp_avg"].dtype == torch.bfloat16  # the base's own state: torch's rule
+    assert opt2.param_groups[0]["mechanic"]["s"].dtype == torch.float32
 
 
 def test_resume_in_a_new_process_on_the_parameters_device(tmp_path):
@@ -123,7 +150,7 @@ def test_plain_base_checkpoint_starts_mechanic_from_there():
     problem.grad_step(x, 5)
     opt.step()
     for p, p0 in zip(x, at_switch):
-        assert torch.equal(opt._mechanic["x_ref"][p], p0)  # Mechanic's reference is the switch point
+        assert torch.equal(opt.state[p]["mechanic_x_ref"], p0)  # Mechanic's reference is the switch point
 
 
 def _trained(problem, make_opt, steps):
@@ -139,7 +166,7 @@ def _trained(problem, make_opt, steps):
 def test_checkpoint_of_another_model_is_refused_before_anything_changes(foreign):
     problem = make_problem(torch.float32)
     x, opt = _trained(problem, lambda ps: mechanize(torch.optim.Adam)(ps, lr=0.01), 3)
-    before_s, before_avg = opt._mechanic["tuner"].s.clone(), opt.state[x[0]]["exp_avg"].clone()
+    before_s, before_avg = opt.param_groups[0]["mechanic"]["s"].clone(), opt.state[x[0]]["exp_avg"].clone()
 
     other = make_problem(torch.float32, shapes=((3, 3), (5,), (3, 4, 2), (11,)))
     Other = mechanize(torch.optim.Adam) if foreign == "mechanized" else torch.optim.Adam
@@ -153,5 +180,5 @@ def test_checkpoint_of_another_model_is_refused_before_anything_changes(foreign)
             opt.load_state_dict(
                 mechanize(torch.optim.Adam, variant="mechanic_pytorch")(x, lr=0.01).state_dict()
             )
-    assert torch.equal(opt._mechanic["tuner"].s, before_s)
+    assert torch.equal(opt.param_groups[0]["mechanic"]["s"], before_s)
     assert torch.equal(opt.state[x[0]]["exp_avg"], before_avg)

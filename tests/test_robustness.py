@@ -83,9 +83,9 @@ def test_bfloat16_model_tracks_the_float32_run():
     assert abs(losses[-1] - ref_losses[-1]) <= 0.2 * ref_losses[-1], (losses[-1], ref_losses[-1])
     ratio = (opt.mechanic_scale / ref_opt.mechanic_scale).item()
     assert 0.67 < ratio < 1.5, ratio
-    ref = next(iter(opt._mechanic["x_ref"].values()))
-    assert ref.dtype == torch.float32 and opt._mechanic["tuner"].s.dtype == torch.float32
-    assert next(iter(opt._mechanic["delta"].values())).dtype == torch.float32
+    for state in opt.state.values():
+        assert state["mechanic_x_ref"].dtype == state["mechanic_delta"].dtype == torch.float32
+    assert opt.param_groups[0]["mechanic"]["s"].dtype == torch.float32
 
 
 def test_low_precision_without_store_delta_warns():
@@ -207,7 +207,8 @@ def test_sparse_gradients_are_refused_before_anything_changes():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
-    assert torch.equal(before, emb.weight) and not opt._mechanic["x_ref"] and opt._mechanic["tuner"] is None
+    assert torch.equal(before, emb.weight) and not opt.state
+    assert opt.param_groups[0]["mechanic"]["step"].item() == 0
 
 
 def test_complex_parameters_are_refused_clearly():
