@@ -144,12 +144,13 @@ class Mechanic(torch.optim.Optimizer):
     def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor]]:
         """Parameters that have a gradient, and their gradients; refuses what Mechanic cannot handle
         before anything has changed."""
-        params, grads = [], []
+        params, grads, seen = [], [], set()
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                if g is None:
+                if g is None or id(p) in seen:  # a parameter listed twice counts once, as in the base
                     continue
+                seen.add(id(p))
                 if g.is_sparse:
                     raise RuntimeError(
                         "Mechanic does not support sparse gradients (inner products over them are not "

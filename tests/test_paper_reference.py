@@ -91,7 +91,9 @@ def test_paper_variant_matches_float64_reference(Base, kwargs, store_delta, prob
     for t in range(steps):
         problem.grad_step(x, t)
         opt.step()
-        scales.append(opt.param_groups[0]["mechanic"]["s"].sum().item())  # float64 state on float64 parameters
+        scales.append(
+            opt.param_groups[0]["mechanic"]["s"].sum().item()
+        )  # float64 state on float64 parameters
     assert ref_scales[-1] > 1e-3, (seed, ref_scales[-1])  # the tuner moved far from s_init
     for a, b in zip(scales, ref_scales):
         assert abs(a - b) <= 1e-12 * abs(b), (seed, a, b)
