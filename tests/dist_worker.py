@@ -1,7 +1,11 @@
-"""One rank of the 2-process tests in test_distributed.py (gloo on 127.0.0.1).
+"""One rank of the multi-process tests in test_distributed.py / test_dcp.py (gloo on 127.0.0.1).
 
-usage: python dist_worker.py MODE RANK WORLD PORT OUT   (MODE: ddp | fsdp)
-Writes the final parameters (full tensors) and Mechanic's scale to OUT (rank 0 only).
+usage: python dist_worker.py MODE RANK WORLD PORT OUT [BASE CKPT_DIR]
+MODE ddp | fsdp: train STEPS steps; rank 0 writes the parameters, the scale and Mechanic's collectives.
+MODE save: FSDP2, train 10 steps, write a sharded DCP checkpoint to CKPT_DIR/dcp and a full, CPU-offloaded
+  state dict to CKPT_DIR/full.pt, then train 10 more (the uninterrupted run) and write the result.
+MODE load: FSDP2 on WORLD ranks (any number: DCP reshards), load CKPT_DIR/dcp into fresh objects the
+  documented way, train steps 10-19, write the result.
 """
 
 from __future__ import annotations
@@ -14,26 +18,20 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_problem import STEPS, batch, make_model, make_opt  # noqa: E402
+from dist_problem import STEPS, batch, make_model, make_opt, result, train  # noqa: E402
 
 
-def main() -> None:
-    mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    # a bounded timeout: if the other rank dies, fail instead of waiting for torch's default 30 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
+def sharded_model() -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
     model = make_model()
-    if mode == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
 
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        wrapped = fully_shard(model)
-    opt = make_opt(wrapped.parameters())
+
+def count_collectives(model, opt, world: int, rank: int, ddp: bool) -> list:
     collectives = []  # Mechanic's own collectives during opt.step()
     real_all_reduce = dist.all_reduce
 
@@ -43,24 +41,59 @@ def main() -> None:
 
     for t in range(STEPS):
         x, y = batch(t)
-        if mode == "ddp":  # each rank takes its half of the batch; DDP averages the gradients
+        if ddp:  # each rank takes its half of the batch; DDP averages the gradients
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
-        loss = ((wrapped(x) - y) ** 2).mean()
-        loss.backward()
+        ((model(x) - y) ** 2).mean().backward()
         dist.all_reduce = counting_all_reduce
         try:
             opt.step()
         finally:
             dist.all_reduce = real_all_reduce
-    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in wrapped.parameters()]
-    if mode == "fsdp":
-        assert all(hasattr(p, "full_tensor") for p in wrapped.parameters()), "parameters are not DTensors"
+    return collectives
+
+
+def main() -> None:
+    mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    base, ckpt = (sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else ("adamw", "")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    # a bounded timeout: if the other rank dies, fail instead of waiting for torch's default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if mode in ("ddp", "fsdp"):
+        model = torch.nn.parallel.DistributedDataParallel(make_model()) if mode == "ddp" else sharded_model()
+        opt = make_opt(model.parameters(), base)
+        collectives = count_collectives(model, opt, world, rank, mode == "ddp")
+        out_dict = {**result(model, opt), "collectives": collectives}
+        if mode == "fsdp":
+            assert all(hasattr(p, "full_tensor") for p in model.parameters()), "parameters are not DTensors"
+    elif mode == "save":
+        model = sharded_model()
+        opt = make_opt(model.parameters(), base)
+        train(model, opt, 0, 10)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(ckpt, "dcp"))
+        full = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save({"model": full[0], "optim": full[1]}, os.path.join(ckpt, "full.pt"))
+        train(model, opt, 10, 20)
+        out_dict = result(model, opt)
+    elif mode == "load":
+        model = sharded_model()
+        opt = make_opt(model.parameters(), base)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "dcp"))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train(model, opt, 10, 20)
+        out_dict = result(model, opt)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
     if rank == 0:
-        torch.save(
-            {"params": [p.detach() for p in params], "scale": opt.mechanic_scale, "collectives": collectives},
-            out,
-        )
+        torch.save(out_dict, out)
     # Both ranks are done with collectives here; gloo's teardown (destroy_process_group) sometimes hangs
     # in the rank that leaves second, so end the worker without it.
     dist.barrier()
