@@ -44,7 +44,7 @@ class MechanicConfig:
         if self.s_init is None:
             object.__setattr__(self, "s_init", DEFAULT_S_INIT[self.variant])
         _check_float("s_init", self.s_init, positive=True)
-        _check_float("eps", self.eps)
+        _check_float("eps", self.eps, positive=True)  # 0 divides 0 by 0 at a zero gradient
         _check_float("s_decay", self.s_decay)
         if not isinstance(self.log_every, int) or isinstance(self.log_every, bool) or self.log_every < 0:
             raise ValueError(f"log_every must be an integer >= 0, got {self.log_every!r}")

@@ -42,8 +42,9 @@ def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
 
 
 def gather(tensors: Sequence[Tensor]) -> Tensor:
-    """A new 1-D tensor holding the elements of `tensors` in order (one op)."""
-    return torch._chunk_cat(list(tensors), 0, 1).view(-1)
+    """A new 1-D tensor holding the elements of `tensors` in order (one op; `_chunk_cat` takes no 0-d
+    tensor, so those are viewed as 1-element ones)."""
+    return torch._chunk_cat([t if t.dim() else t.view(1) for t in tensors], 0, 1).view(-1)
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:

@@ -243,7 +243,7 @@ def _check_per_param(
         ours = per_param.get(param, {})
         # A parameter the base holds state for has taken a step, so Mechanic has x_ref for it too (one
         # that never had a gradient has neither, and starts afresh at its first step).
-        if state.get(key) and X_REF not in ours:
+        if state.get(key) and X_REF not in ours and param.numel() > 0:  # empty ones are not tuned
             raise ValueError(f"checkpoint has no Mechanic x_ref for parameter {key!r}, which has base state")
         if not ours:
             continue

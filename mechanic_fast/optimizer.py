@@ -43,6 +43,7 @@ class _Group(NamedTuple):
     deltas: Optional[List[Tensor]]
     impl: ModuleType
     reduce_over: Tuple[Any, ...]
+    maximize: bool  # the base moves along +g: Mechanic's inner product must see -g
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
@@ -60,6 +61,11 @@ class Mechanic(torch.optim.Optimizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if any(group.get("differentiable", False) for group in self.param_groups):
+            raise ValueError(
+                "Mechanic does not support differentiable=True: its update overwrites the parameters "
+                "outside autograd, so gradients through the step would be wrong"
+            )
         self._mechanic_attach()
         self._mechanic_tuner_entry()  # the tuner exists from the start, like the options it records
 
@@ -141,14 +147,15 @@ class Mechanic(torch.optim.Optimizer):
         return tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config).to(torch.float32)
 
     # ------------------------------------------------------------------------------------------ step
-    def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor]]:
-        """Parameters that have a gradient, and their gradients; refuses what Mechanic cannot handle
-        before anything has changed."""
-        params, grads, seen = [], [], set()
+    def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor], set]:
+        """Parameters that have a gradient, their gradients, and those of them in `maximize` groups;
+        refuses what Mechanic cannot handle before anything has changed."""
+        params, grads, seen, maximize = [], [], set(), set()
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                if g is None or id(p) in seen:  # a parameter listed twice counts once, as in the base
+                # a parameter listed twice counts once; an empty one has nothing to tune
+                if g is None or id(p) in seen or p.numel() == 0:
                     continue
                 seen.add(id(p))
                 if g.is_sparse:
@@ -160,7 +167,9 @@ class Mechanic(torch.optim.Optimizer):
                     raise RuntimeError("Mechanic does not support complex parameters; nothing was changed")
                 params.append(p)
                 grads.append(g)
-        return params, grads
+                if group.get("maximize", False):
+                    maximize.add(p)
+        return params, grads, maximize
 
     def _mechanic_lr_is_zero(self) -> bool:
         """Every group's lr is 0 (read on the host: a Python number, or a CPU tensor in eager mode).
@@ -233,7 +242,11 @@ class Mechanic(torch.optim.Optimizer):
             self.state[p].update(tensors)
 
     def _mechanic_groups(
-        self, params: List[Tensor], grads: List[Tensor], refs: Dict[Tensor, Dict[str, Tensor]]
+        self,
+        params: List[Tensor],
+        grads: List[Tensor],
+        refs: Dict[Tensor, Dict[str, Tensor]],
+        maximize: set,
     ) -> List[_Group]:
         """Aligned lists of local tensors per reduction domain, device and dtype."""
         store_delta = self._mechanic_config.store_delta
@@ -241,18 +254,20 @@ class Mechanic(torch.optim.Optimizer):
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p)
-            buckets.setdefault((_distributed.reduce_groups(p), local.device, local.dtype), []).append(i)
+            key = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
+            buckets.setdefault(key, []).append(i)
         groups = []
-        for (reduce_over, device, _), idx in buckets.items():
+        for (reduce_over, device, _, maximizes), idx in buckets.items():
             ps = [params[i] for i in idx]
             groups.append(
                 _Group(
-                    [_distributed.local(p) for p in ps],
-                    [_distributed.local(grads[i]) for i in idx],
-                    [_distributed.local(refs[p][_state.X_REF]) for p in ps],
-                    [_distributed.local(refs[p][_state.DELTA]) for p in ps] if store_delta else None,
+                    _local_1d(ps),
+                    _local_1d([grads[i] for i in idx]),
+                    _local_1d([refs[p][_state.X_REF] for p in ps]),
+                    _local_1d([refs[p][_state.DELTA] for p in ps]) if store_delta else None,
                     _backend.select(self._mechanic_config.backend, device),
                     reduce_over,
+                    maximizes,
                 )
             )
         return groups
@@ -284,6 +299,8 @@ class Mechanic(torch.optim.Optimizer):
                 x_sums=cfg.variant == "paper",  # mechanic_pytorch uses x after the base step
                 copy_x=True,
             )
+            if grp.maximize:  # <d, -g>; the norms do not change
+                sums = torch.cat([sums[:1].neg(), sums[1:]])
             parts.append((sums, grp.reduce_over))
             copies.append(copy)
         return self._mechanic_total(parts, device), copies
@@ -351,7 +368,7 @@ class Mechanic(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         cfg = self._mechanic_config
-        params, grads = self._mechanic_gather()
+        params, grads, maximize = self._mechanic_gather()
         if not params:
             return self._mechanic_base_step(closure, loss)
 
@@ -378,7 +395,7 @@ class Mechanic(torch.optim.Optimizer):
         pre, post = self._mechanic_fns()
         old = _state.tuner_state(entry)
         with torch.no_grad():
-            groups = self._mechanic_groups(params, grads, refs)
+            groups = self._mechanic_groups(params, grads, refs, maximize)
             sums, copies = pre(groups, old.s.device)
             # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite.
             # Nothing new was committed yet, so a skipped step leaves no trace.
@@ -442,6 +459,12 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_reset_caches()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
+    """Local shards, with 0-d tensors (a CLIP-style logit_scale) viewed as 1-element ones, which every
+    multi-tensor op takes."""
+    return [t if t.dim() else t.view(1) for t in map(_distributed.local, tensors)]
 
 
 def _rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
@@ -547,6 +570,8 @@ def mechanic_scale(opt: Any) -> Tensor:
     return inner.mechanic_scale
 
 
+_UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
+
 # One class per (base, options, log_func): an optimizer, its deepcopy and its unpickled copy share it.
 _CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]]], type] = {}
 
@@ -594,6 +619,15 @@ def mechanize(
         raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
     if issubclass(Base, Mechanic):
         raise TypeError(f"{Base.__name__} is already mechanized")
+    if issubclass(Base, _UNSUPPORTED):
+        raise TypeError(
+            f"Mechanic cannot wrap {Base.__name__}: "
+            + (
+                "its line search and curvature history assume the step it took, which Mechanic rescales"
+                if issubclass(Base, torch.optim.LBFGS)
+                else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
+            )
+        )
     key = (Base, cfg, log_func)
     cls = _CLASSES.get(key)
     if cls is None:

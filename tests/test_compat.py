@@ -137,9 +137,21 @@ def test_closure_loss_value_is_returned(problem):
     assert out is expected[0]
 
 
-def test_lbfgs_style_base_may_reevaluate_the_closure(problem):
+class _ReEvaluatingSGD(torch.optim.SGD):
+    """A base that evaluates the closure itself, several times (as line-search optimizers do)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            loss = closure()
+            loss = closure()
+        super().step()
+        return loss
+
+
+def test_base_may_reevaluate_the_closure(problem):
     x = problem.params()
-    opt = mechanize(torch.optim.LBFGS)(x, lr=0.1, max_iter=3)
+    opt = mechanize(_ReEvaluatingSGD)(x, lr=0.1)
     n = []
 
     def closure():
@@ -150,7 +162,17 @@ def test_lbfgs_style_base_may_reevaluate_the_closure(problem):
         return loss
 
     loss = opt.step(closure)
-    assert torch.isfinite(loss) and len(n) >= 2
+    assert torch.isfinite(loss) and len(n) == 2  # ours, then the base's second call (its first is ours)
+
+
+@pytest.mark.parametrize("Base", [torch.optim.LBFGS, torch.optim.SparseAdam])
+def test_bases_mechanic_would_silently_break_are_refused_at_mechanize(Base):
+    with pytest.raises(TypeError, match=Base.__name__):
+        mechanize(Base)
+    opt = Base([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(TypeError, match=Base.__name__):
+        mechanize(opt)
+    assert type(opt) is Base
 
 
 def test_lr_scheduler_drives_the_base_lr(problem):
