@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple
 
 VARIANTS = ("paper", "mechanic_pytorch")
 BACKENDS = ("auto", "foreach", "triton")
@@ -53,6 +53,10 @@ class MechanicConfig:
         for name in ("store_delta", "compile", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def options(self) -> Dict[str, Any]:
+        """The options as `mechanize` keywords (to rebuild the same class)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _check_float(name: str, value: object, positive: bool = False) -> None:

@@ -469,8 +469,7 @@ def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
 
 def _rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
     """An empty instance of the mechanized class (pickle and deepcopy then set its state)."""
-    kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
-    cls = mechanize(base, log_func=log_func, **kwargs)
+    cls = mechanize(base, log_func=log_func, **cfg.options())
     return cls.__new__(cls)
 
 
@@ -529,8 +528,7 @@ def _mechanize_instance(
                 "keep running the plain optimizer. Mechanize the optimizer before wrapping its step "
                 "(e.g. before a framework's prepare/setup)"
             )
-    kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
-    opt.__class__ = mechanize(type(opt), log_func=log_func, **kwargs)
+    opt.__class__ = mechanize(type(opt), log_func=log_func, **cfg.options())
     if instance_step is not None:
         del opt.step  # the class's (mechanized) step shows through again
     opt._mechanic_attach()  # type: ignore[attr-defined]

@@ -78,3 +78,29 @@ def run(opt_factory: Callable, problem: Problem, steps: int, params=None):
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """Every value of a nested state dict, tensors cloned, keyed by its path: a comparable snapshot."""
+    flat = {}
+    if torch.is_tensor(obj):
+        flat[prefix] = obj.detach().clone()
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            flat.update(flatten(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            flat.update(flatten(v, f"{prefix}/{i}"))
+    else:
+        flat[prefix] = obj
+    return flat
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    """Two `flatten` snapshots hold the same keys, dtypes and bits."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k

@@ -4,38 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_snapshot, flatten
 
 from mechanic_fast import _foreach, mechanize
 
 
 def _state_snapshot(opt):
     """Every tensor of the base's and Mechanic's state, cloned, in a comparable structure."""
-    sd = opt.state_dict()
-    flat = {}
-
-    def walk(prefix, obj):
-        if torch.is_tensor(obj):
-            flat[prefix] = obj.detach().clone()
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}/{i}", v)
-        else:
-            flat[prefix] = obj
-
-    walk("", sd)
-    return flat
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
+    return flatten(opt.state_dict())
 
 
 def _regression(dtype, steps, seed=0, lr=1e-3, **options):
@@ -112,7 +88,7 @@ def test_grad_scaler_gives_the_unscaled_result_and_skips_inf_steps():
                 scaler.step(opt)
                 scaler.update()
                 if t in inf_at:
-                    _assert_same_state(before[0], _state_snapshot(opt))
+                    assert_same_snapshot(before[0], _state_snapshot(opt))
                     assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
             else:
                 loss.backward()
@@ -151,7 +127,7 @@ def test_skip_nonfinite_leaves_everything_untouched(first_step):
     model(x).pow(2).mean().backward()
     model.bias.grad[1] = float("nan")
     opt.step()
-    _assert_same_state(before, _state_snapshot(opt))
+    assert_same_snapshot(before, _state_snapshot(opt))
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert opt.mechanic_skipped_steps == 1
     opt.zero_grad()

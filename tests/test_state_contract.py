@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_problem
+from conftest import assert_same_snapshot, flatten, make_problem
 
 from mechanic_fast import is_mechanized, mechanic_scale, mechanize
 
@@ -37,32 +37,8 @@ def _continue(problem, x, opt, start, steps=5):
     return [p.detach().clone() for p in x], opt.mechanic_scale.clone()
 
 
-def _flat(sd):
-    """Every tensor and value of a state dict, in a comparable form."""
-    out = {}
-
-    def walk(prefix, v):
-        if isinstance(v, dict):
-            for k, w in v.items():
-                walk(f"{prefix}.{k}", w)
-        elif isinstance(v, (list, tuple)):
-            for i, w in enumerate(v):
-                walk(f"{prefix}[{i}]", w)
-        else:
-            out[prefix] = v.clone() if torch.is_tensor(v) else v
-
-    walk("", sd)
-    return out
-
-
 def _assert_same_sd(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        if torch.is_tensor(fa[k]):
-            assert fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]), k
-        else:
-            assert fa[k] == fb[k], k
+    assert_same_snapshot(flatten(a), flatten(b))
 
 
 # ------------------------------------------------------------------------------- copy and pickle
