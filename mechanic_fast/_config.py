@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
 
 VARIANTS = ("paper", "mechanic_pytorch")
 BACKENDS = ("auto", "foreach", "triton")
@@ -19,7 +21,7 @@ class MechanicConfig:
     betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
     s_init: Optional[float] = None
     eps: float = 1e-8
-    store_delta: bool = False
+    store_delta: Optional[bool] = None  # None: decided per optimizer from its parameters' dtypes
     log_every: int = 0
     variant: str = "paper"
     backend: str = "auto"
@@ -50,9 +52,25 @@ class MechanicConfig:
             raise ValueError(f"log_every must be an integer >= 0, got {self.log_every!r}")
         if self.ref_dtype not in (None, "float32"):
             raise ValueError(f"ref_dtype must be None or 'float32', got {self.ref_dtype!r}")
-        for name in ("store_delta", "compile", "skip_nonfinite"):
+        if self.store_delta is not None and not isinstance(self.store_delta, bool):
+            raise ValueError(f"store_delta must be None or a bool, got {self.store_delta!r}")
+        for name in ("compile", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def with_store_delta(self, dtypes: Iterable[torch.dtype]) -> MechanicConfig:
+        """This config with `store_delta` decided for parameters whose x_ref has these dtypes.
+
+        Recomputing Delta as (x - x_ref) / S loses it while S * Delta is below half an ulp of x: x then
+        rounds back to x_ref, the inner product h is 0, and the scale never grows (float32 weights of
+        order 1 with Adam at lr 1e-3 stall this way from the first step, since S starts at 1e-6). Kept
+        as state, Delta accumulates every base update whatever x can resolve. That costs one copy of
+        the weights (in x_ref's dtype), paid by default unless every x_ref is float64, where S * Delta
+        would have to fall below 1e-16 of the weights to be lost.
+        """
+        if self.store_delta is not None:
+            return self
+        return replace(self, store_delta=any(d != torch.float64 for d in dtypes))
 
     def options(self) -> Dict[str, Any]:
         """The options as `mechanize` keywords (to rebuild the same class)."""

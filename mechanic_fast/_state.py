@@ -4,11 +4,12 @@ Layout (everything lives where torch's own machinery already carries optimizer s
 `state_dict`/`load_state_dict`, `torch.distributed.checkpoint` (DCP), deepcopy, pickling and state-dict
 hooks handle it with no special case):
 
-- ``state[p]["mechanic_x_ref"]``: x_ref (x_0 in the paper), and with ``store_delta=True``
-  ``state[p]["mechanic_delta"]``: Delta. Per-parameter like ``exp_avg``, with the parameter's shape and,
-  under FSDP2, its DTensor layout (so DCP saves them sharded and reshards them on load). Tensors of
-  one device and dtype are views tiling one flat buffer, which the foreach backend reads without a
-  gather. Prefixed names: a base optimizer's own keys never collide with ours.
+- ``state[p]["mechanic_x_ref"]``: x_ref (x_0 in the paper), and where Delta is stored (by default
+  unless every x_ref is float64; see `MechanicConfig.with_store_delta`) ``state[p]["mechanic_delta"]``.
+  Per-parameter like ``exp_avg``, with the parameter's shape and, under FSDP2, its DTensor layout (so
+  DCP saves them sharded and reshards them on load). Tensors of one device and dtype are views tiling
+  one flat buffer, which the foreach backend reads without a gather. Prefixed names: a base
+  optimizer's own keys never collide with ours.
 - ``param_groups[0]["mechanic"]``: the tuner, a dict of s, r, m, v (one entry per beta), its step count
   and the options that give them meaning (variant, betas, store_delta). The tuner is global, not
   per-parameter, and it must keep its float32/float64 dtype: `load_state_dict` casts per-parameter
@@ -23,6 +24,7 @@ so that a refused checkpoint leaves the optimizer as it was.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -33,7 +35,7 @@ from ._config import MechanicConfig
 
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
-DELTA = "mechanic_delta"  # in state[p], store_delta=True only
+DELTA = "mechanic_delta"  # in state[p], where Delta is stored
 LEGACY_KEY = "mechanic"  # round 1 kept everything under a top-level state-dict key
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 
@@ -57,7 +59,7 @@ TORCH_PARAM_SHAPED_STATE = frozenset(
 
 
 def new_tuner(cfg: MechanicConfig, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
-    """The param_groups[0] entry of a fresh tuner."""
+    """The param_groups[0] entry of a fresh tuner (`cfg.store_delta` decided, see `with_store_delta`)."""
     entry: Dict[str, Any] = dict(tuner.initial_state(cfg, device, dtype)._asdict())
     entry["step"] = torch.zeros((), dtype=torch.int64, device=device)
     entry.update(_options(cfg))
@@ -136,6 +138,7 @@ def parse(
     tuner_entry = None
     if entry is not None:
         tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
+        cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
         _check_per_param(cfg, per_param, state, id_map)
     elif per_param:
         raise ValueError(
@@ -199,7 +202,13 @@ def _parse_tuner(
 ) -> Dict[str, Any]:
     if not isinstance(entry, dict):
         raise ValueError(f"checkpoint's param_groups[0]['mechanic'] is not a dict: {type(entry).__name__}")
-    for key, mine in _options(cfg).items():
+    options = _options(cfg)
+    if cfg.store_delta is None:  # left to us: the checkpoint's layout, whichever it is
+        theirs = entry.get("store_delta")
+        if not isinstance(theirs, bool):
+            raise ValueError(f"checkpoint's Mechanic store_delta is not a bool: {theirs!r}")
+        options["store_delta"] = theirs
+    for key, mine in options.items():
         theirs = entry.get(key)
         if key == "betas" and isinstance(theirs, (list, tuple)):
             theirs = tuple(float(b) for b in theirs)
@@ -229,7 +238,7 @@ def _parse_tuner(
     if not torch.is_tensor(step) or step.dtype.is_floating_point or step.dim() != 0 or int(step) < 0:
         raise ValueError(f"checkpoint's Mechanic step count is not a 0-d integer tensor >= 0: {step!r}")
     out["step"] = step.detach().to(device=device, dtype=torch.int64, copy=True)
-    out.update(_options(cfg))
+    out.update(options)
     return out
 
 

@@ -15,9 +15,9 @@ Nothing in a step reads a tensor's value on the host, except on logging steps an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import warnings
 import weakref
 from collections import OrderedDict
 from types import ModuleType
@@ -61,13 +61,17 @@ class Mechanic(torch.optim.Optimizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if any(group.get("differentiable", False) for group in self.param_groups):
-            raise ValueError(
-                "Mechanic does not support differentiable=True: its update overwrites the parameters "
-                "outside autograd, so gradients through the step would be wrong"
-            )
         self._mechanic_attach()
         self._mechanic_tuner_entry()  # the tuner exists from the start, like the options it records
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's `add_param_group` (construction calls it too), refusing first what Mechanic cannot
+        tune: differentiable=True, and float16/bfloat16 parameters with store_delta=False."""
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set)):
+            param_group["params"] = list(params)  # as torch does, so that checking does not consume it
+        _check_group(self._mechanic_config, {**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _mechanic_attach(self) -> None:
         """Instance attributes beside the state (after construction, unpickling or `mechanize(opt)`)."""
@@ -84,6 +88,7 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_compiled: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
         self._mechanic_acc_dtype = torch.float32
+        self._mechanic_run_cfg: Optional[MechanicConfig] = None
 
     # ------------------------------------------------------------------------- copy and pickle
     def __getstate__(self) -> Dict[str, Any]:
@@ -122,14 +127,23 @@ class Mechanic(torch.optim.Optimizer):
         group = self.param_groups[0]
         entry = group.get(_state.TUNER_KEY)
         if entry is None:
-            cfg = self._mechanic_config
-            dtype = tuner.state_dtype(cfg, {p.dtype for p in self._mechanic_params()})
+            params = self._mechanic_params()
+            cfg = self._mechanic_config.with_store_delta({self._mechanic_ref_dtype(p) for p in params})
+            dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
             entry = group[_state.TUNER_KEY] = _state.new_tuner(cfg, self._mechanic_device(), dtype)
         elif entry["s"].device != self._mechanic_device():  # the model moved after the optimizer was made
             device = self._mechanic_device()
             for name in (*tuner.TunerState._fields, "step"):
                 entry[name] = entry[name].to(device)
         return entry
+
+    def _mechanic_run_config(self) -> MechanicConfig:
+        """The options with `store_delta` as this optimizer's state has it (decided when its tuner was
+        made, or as loaded from a checkpoint, when the option was left at None)."""
+        store_delta = self._mechanic_tuner_entry()["store_delta"]
+        if self._mechanic_run_cfg is None or self._mechanic_run_cfg.store_delta != store_delta:
+            self._mechanic_run_cfg = dataclasses.replace(self._mechanic_config, store_delta=store_delta)
+        return self._mechanic_run_cfg
 
     def _mechanic_constants(self, like: Tensor) -> tuner.Constants:
         key = (like.device, like.dtype)
@@ -154,8 +168,10 @@ class Mechanic(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                # a parameter listed twice counts once; an empty one has nothing to tune
-                if g is None or id(p) in seen or p.numel() == 0:
+                # a parameter listed twice counts once; an empty one has nothing to tune; a frozen one
+                # (requires_grad=False, its gradient kept by zero_grad(set_to_none=False)) is left to
+                # the base, as if it had no gradient (else every change of S would move it)
+                if g is None or id(p) in seen or p.numel() == 0 or not p.requires_grad:
                     continue
                 seen.add(id(p))
                 if g.is_sparse:
@@ -225,7 +241,7 @@ class Mechanic(torch.optim.Optimizer):
         values.update((p, p.detach()) for p in params if p not in known)
         x_refs = _state.tiled(values, self._mechanic_ref_dtype)
         fresh = {p: {_state.X_REF: x} for p, x in x_refs.items()}
-        if self._mechanic_config.store_delta:
+        if self._mechanic_run_config().store_delta:
             deltas = {
                 p: known[p][_state.DELTA] if p in known else torch.zeros_like(x) for p, x in x_refs.items()
             }
@@ -249,7 +265,7 @@ class Mechanic(torch.optim.Optimizer):
         maximize: set,
     ) -> List[_Group]:
         """Aligned lists of local tensors per reduction domain, device and dtype."""
-        store_delta = self._mechanic_config.store_delta
+        store_delta = self._mechanic_run_config().store_delta
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
@@ -287,7 +303,7 @@ class Mechanic(torch.optim.Optimizer):
     def _mechanic_pre(self, groups: List[_Group], device: torch.device) -> Tuple[Tensor, List[Any]]:
         """Inner products over every parameter with a gradient, and the x_t copies (before the base step,
         so gradients need no copy)."""
-        cfg = self._mechanic_config
+        cfg = self._mechanic_run_cfg  # set by step (a plain attribute read when compiled)
         parts, copies = [], []
         for grp in groups:
             sums, copy = grp.impl.inner_products(
@@ -315,7 +331,7 @@ class Mechanic(torch.optim.Optimizer):
         count: Tensor,
     ) -> None:
         """The tuner step and x = x_ref + S_new * (Delta + u), after the base step gave x_base."""
-        cfg = self._mechanic_config
+        cfg = self._mechanic_run_cfg  # set by step
         if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
             parts = []
             for grp, copy in zip(groups, copies):
@@ -367,22 +383,14 @@ class Mechanic(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        cfg = self._mechanic_config
         params, grads, maximize = self._mechanic_gather()
         if not params:
             return self._mechanic_base_step(closure, loss)
 
         entry = self._mechanic_tuner_entry()
+        cfg = self._mechanic_run_config()
         with torch.no_grad():
             refs, new_refs = self._mechanic_refs(params)
-        if new_refs and not cfg.store_delta and any(p.dtype in (torch.float16, torch.bfloat16) for p in refs):
-            warnings.warn(
-                "Mechanic on float16/bfloat16 parameters needs store_delta=True: recomputing Delta "
-                "as (x - x_ref) / S loses it while S * Delta is below the parameters' resolution, "
-                "and the scale then cannot grow. Add ref_dtype='float32' to keep x_ref and Delta "
-                "in float32.",
-                stacklevel=2,
-            )
         if self._mechanic_lr_is_zero():
             result = self._mechanic_base_step(closure, loss)
             if new_refs:
@@ -397,11 +405,14 @@ class Mechanic(torch.optim.Optimizer):
         with torch.no_grad():
             groups = self._mechanic_groups(params, grads, refs, maximize)
             sums, copies = pre(groups, old.s.device)
-            # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite.
-            # Nothing new was committed yet, so a skipped step leaves no trace.
+            # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite;
+            # so do finite ones that overflow them, which are not skipped (the tuner step is then
+            # skipped on the device, see tuner.step). Nothing new was committed yet, so a skipped step
+            # leaves no trace.
             if cfg.skip_nonfinite and not bool(torch.isfinite(sums).all()):
-                self.mechanic_skipped_steps += 1
-                return loss
+                if not all(bool(torch.isfinite(g).all()) for g in grads):  # rare: a sync per tensor
+                    self.mechanic_skipped_steps += 1
+                    return loss
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
@@ -461,6 +472,25 @@ class Mechanic(torch.optim.Optimizer):
             post_hook(self)
 
 
+def _check_group(cfg: MechanicConfig, group: Dict[str, Any]) -> None:
+    """Refuse a parameter group Mechanic cannot tune, before it is added."""
+    if group.get("differentiable", False):
+        raise ValueError(
+            "Mechanic does not support differentiable=True: its update overwrites the parameters "
+            "outside autograd, so gradients through the step would be wrong"
+        )
+    params = group.get("params", [])
+    params = [params] if isinstance(params, Tensor) else list(params)
+    low = {p.dtype for p in params if isinstance(p, Tensor) and p.dtype in (torch.float16, torch.bfloat16)}
+    if low and cfg.store_delta is False:
+        raise ValueError(
+            f"Mechanic with store_delta=False cannot tune {sorted(map(str, low))} parameters: Delta "
+            "recomputed as (x - x_ref) / S from them is lost while S * Delta is below their resolution "
+            "(the scale cannot grow) and overflows float16 while S is small. Leave store_delta at its "
+            "default (Delta is kept as state), with ref_dtype='float32' to keep it in float32"
+        )
+
+
 def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
     """Local shards, with 0-d tensors (a CLIP-style logit_scale) viewed as 1-element ones, which every
     multi-tensor op takes."""
@@ -518,6 +548,8 @@ def _mechanize_instance(
                     f"{type(holder).__name__}.{name} holds {type(opt).__name__}'s own step (a framework "
                     "wrapper made with a gradient scaler?); mechanize the optimizer before wrapping it"
                 )
+    for group in opt.param_groups:
+        _check_group(cfg, group)
     instance_step = vars(opt).get("step")
     lr_sched_wrapper = getattr(instance_step, "_wrapped_by_lr_sched", False)
     if instance_step is not None and not lr_sched_wrapper:
@@ -580,7 +612,7 @@ def mechanize(
     betas: Sequence[float] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999),
     s_init: Optional[float] = None,
     eps: float = 1e-8,
-    store_delta: bool = False,
+    store_delta: Optional[bool] = None,
     log_func: Optional[Callable[[Dict[str, Any]], Any]] = None,
     log_every: int = 0,
     *,

@@ -113,4 +113,9 @@ def step(
     """
     scale_old = state.s.sum()
     new = update(state, inner_product(sums, scale_old, cfg), const, cfg)
+    # A step whose inner products overflow (finite float32 gradients of ~1e20: ||g||^2 > 3.4e38) or whose
+    # h^2 does leaves the tuner as it was, decided on the device: x then takes the base's step at the
+    # current scale, finite wherever the base's is.
+    finite = torch.isfinite(torch.cat(new)).all()
+    new = TunerState(*(torch.where(finite, a, b) for a, b in zip(new, state)))
     return new, effective_scale(new, cfg), scale_old + cfg.eps

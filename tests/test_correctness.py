@@ -1,5 +1,6 @@
 """Models and options torch's optimizers accept (issue 9): maximize, 0-d and empty parameters, mixed
-dtypes with ref_dtype='float32', eps=0, differentiable=True. Each test failed on round 1's main."""
+dtypes with ref_dtype='float32', eps=0, differentiable=True, the float32 rounding stall, overflow, layers
+frozen mid-run. Each test failed on round 1's main."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_zero_dim_and_empty_parameters_train_beside_others():
     opt.load_state_dict(opt.state_dict())
 
 
-@pytest.mark.parametrize("store_delta", [False, True])
+@pytest.mark.parametrize("store_delta", [None, True])
 def test_mixed_dtypes_with_float32_references(store_delta):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     model[0].bfloat16()
@@ -84,3 +85,152 @@ def test_differentiable_is_refused_at_construction():
     w = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="differentiable"):
         mechanize(torch.optim.SGD)([w], lr=0.1, differentiable=True)
+
+
+# ------------------------------------------------------------------------------ rounding stall (item 2)
+def _least_squares(Opt, steps, seed=0, **kwargs):
+    """Unit-scale float32 weights: S * u starts far below half an ulp of every weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(10, 5, generator=gen))
+    a, b = torch.randn(20, 10, generator=gen), torch.randn(20, 5, generator=gen)
+    start = w.detach().clone()
+    opt = Opt([w], **kwargs)
+    scales, losses = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((a @ w - b) ** 2).mean()
+        loss.backward()
+        opt.step()
+        scales.append(opt.mechanic_scale.item())
+        losses.append(loss.item())
+    return w.detach(), start, scales, losses, opt
+
+
+@pytest.mark.parametrize("Base", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("lr", [1e-3, 1e-6])
+def test_default_float32_run_leaves_the_initial_scale(Base, lr):
+    w, start, scales, losses, opt = _least_squares(mechanize(Base), 200, lr=lr)
+    assert all("mechanic_delta" in s for s in opt.state.values())  # the default keeps Delta in float32
+    assert scales[-1] > 1e3 * 1e-6, scales[-1]  # S left s_init = 1e-6 (round 1: exactly 1e-6 forever)
+    assert not torch.equal(w, start)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_recomputed_delta_still_stalls_where_asked_for():
+    """store_delta=False is the stall the default avoids (what the default's extra copy buys)."""
+    w, start, scales, _, _ = _least_squares(mechanize(torch.optim.Adam, store_delta=False), 50, lr=1e-3)
+    assert torch.equal(w, start) and max(scales) == pytest.approx(1e-6)
+
+
+def test_float64_parameters_do_not_keep_delta():
+    w = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = mechanize(torch.optim.Adam)([w], lr=1e-3)
+    w.grad = torch.randn(4, dtype=torch.float64)
+    opt.step()
+    assert "mechanic_delta" not in opt.state[w]  # no stall to avoid: the default stays cheap
+    assert opt.param_groups[0]["mechanic"]["store_delta"] is False
+
+
+def _digits_like(gen):
+    """A digits-style problem: 8x8 'images' of 10 noisy class prototypes."""
+    prototypes = torch.rand(10, 64, generator=gen)
+    labels = torch.randint(0, 10, (512,), generator=gen)
+    images = (prototypes[labels] + 0.3 * torch.randn(512, 64, generator=gen)).clamp(0, 1)
+    return images, labels
+
+
+def test_digits_mlp_trains_at_base_lr_1e_6():
+    gen = torch.Generator().manual_seed(0)
+    images, labels = _digits_like(gen)
+
+    def train(Opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = Opt(model.parameters(), lr=1e-6)
+        losses = []
+        for _ in range(300):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, all(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), start))
+
+    bare, _ = train(torch.optim.AdamW)
+    losses, all_moved = train(mechanize(torch.optim.AdamW))
+    assert bare[-1] > 0.99 * bare[0]  # the untuned lr barely moves the loss
+    # round 1: not one element moved in 20,000 steps
+    assert all_moved
+    assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+
+
+# ------------------------------------------------------------------------------------- overflow (item 6)
+@pytest.mark.parametrize("Base", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_huge_finite_gradients_stay_finite_like_the_base(Base, skip_nonfinite):
+    """||g||^2 of 1e20 gradients overflows float32; the bare optimizer stays finite, so must we."""
+
+    def run(Opt):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 4))
+        opt = Opt([w], lr=1e-3)
+        for step in range(6):
+            opt.zero_grad()
+            scale = 1e20 if step in (2, 3) else 1.0
+            (scale * (w**2).sum()).backward()
+            opt.step()
+        return w.detach(), opt
+
+    bare, _ = run(Base)
+    w, opt = run(mechanize(Base, skip_nonfinite=skip_nonfinite))
+    assert torch.isfinite(bare).all()
+    assert torch.isfinite(w).all()
+    assert torch.isfinite(opt.mechanic_scale)
+    assert opt.mechanic_skipped_steps == 0  # finite gradients are not skipped
+
+
+def test_nonfinite_gradients_are_still_skipped():
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = mechanize(torch.optim.SGD, skip_nonfinite=True)([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("inf"), 0.0, 1.0])
+    before = w.detach().clone()
+    opt.step()
+    assert opt.mechanic_skipped_steps == 1 and torch.equal(w, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_without_stored_delta_is_refused_before_anything_changes(dtype):
+    model = torch.nn.Linear(4, 4).to(dtype)
+    with pytest.raises(ValueError, match="store_delta=False"):
+        mechanize(torch.optim.AdamW, store_delta=False)(model.parameters(), lr=1e-3)
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = mechanize(torch.optim.AdamW, store_delta=False)([w], lr=1e-3)
+    with pytest.raises(ValueError, match="store_delta=False"):
+        opt.add_param_group({"params": model.parameters()})
+    assert len(opt.param_groups) == 1
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="store_delta=False"):
+        mechanize(plain, store_delta=False)
+    assert type(plain) is torch.optim.AdamW
+
+
+# ---------------------------------------------------------------------------- frozen mid-run (item 10)
+def test_layer_frozen_mid_run_stays_where_the_base_leaves_it():
+    """requires_grad_(False) with zero_grad(set_to_none=False): its zero gradient stays, and with plain
+    SGD (which does not move it) it must not move as S changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    opt = mechanize(torch.optim.SGD)(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    for step in range(40):
+        if step == 10:
+            model[0].requires_grad_(False)
+            frozen = [p.detach().clone() for p in model[0].parameters()]
+            scale_at_freeze = opt.mechanic_scale.clone()
+        opt.zero_grad(set_to_none=False)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    assert not torch.equal(opt.mechanic_scale, scale_at_freeze)  # S kept changing
+    for p, p0 in zip(model[0].parameters(), frozen):
+        assert torch.equal(p.detach(), p0)

@@ -48,19 +48,20 @@ def mechanic_ops(n_tensors: int, **options) -> Counter:
     "options",
     [
         dict(),
-        dict(store_delta=True),
+        dict(store_delta=False),
+        dict(variant="mechanic_pytorch", store_delta=False),
         dict(variant="mechanic_pytorch"),
-        dict(variant="mechanic_pytorch", store_delta=True),
     ],
-    ids=["paper", "paper-store_delta", "mechanic_pytorch", "mechanic_pytorch-store_delta"],
+    ids=["paper", "paper-recomputed_delta", "mechanic_pytorch-recomputed_delta", "mechanic_pytorch"],
 )
 def test_own_ops_are_constant_in_tensor_count_and_sync_free(options):
     few, many = mechanic_ops(10, **options), mechanic_ops(200, **options)
     assert few == many, (few, many)
     assert "_local_scalar_dense" not in few
-    # measured: 59 (paper), 55 (paper, store_delta), 66 / 61 (mechanic_pytorch, which reduces twice:
-    # its weight-decay term needs the parameters after the base step)
-    limit = 60 if options.get("variant", "paper") == "paper" else 70
+    # measured: 67 (paper, Delta stored: the float32 default), 70 (paper, Delta recomputed), 76 / 72
+    # (mechanic_pytorch, which reduces twice: its weight-decay term needs the parameters after the base
+    # step). 9 of them keep the tuner as it was on a step whose inner products overflow.
+    limit = 70 if options.get("variant", "paper") == "paper" else 78
     assert sum(few.values()) <= limit, few
     assert sum(few.values()) > 0
 

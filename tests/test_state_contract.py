@@ -316,3 +316,21 @@ def test_mechanize_instance_refuses_a_foreign_step_wrapper():
     with pytest.raises(TypeError, match="replaced on the instance"):
         mechanize(opt)
     assert not is_mechanized(opt) and type(opt) is torch.optim.SGD
+
+
+@pytest.mark.parametrize("saved_with", [False, True])
+def test_default_store_delta_loads_either_layout_and_keeps_it(saved_with):
+    """store_delta left at None takes the checkpoint's layout (an explicit value must match it)."""
+    problem, x, opt = _trained(store_delta=saved_with)
+    sd = copy.deepcopy(opt.state_dict())
+    y = [p.detach().clone().requires_grad_() for p in x]
+    resumed = mechanize(torch.optim.AdamW)(y, lr=0.02, weight_decay=0.01)
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["mechanic"]["store_delta"] is saved_with
+    expected = _continue(problem, x, opt, 6)
+    got = _continue(problem, y, resumed, 6)
+    assert all(torch.equal(a, b) for a, b in zip(expected[0], got[0]))
+    assert torch.equal(expected[1], got[1])
+    other = mechanize(torch.optim.AdamW, store_delta=not saved_with)(y, lr=0.02)
+    with pytest.raises(ValueError, match="store_delta"):
+        other.load_state_dict(sd)
