@@ -12,7 +12,7 @@ constant in the number of tensors, and so, on CPU, is the number of kernels.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +30,55 @@ class FlatCopy:
         )
 
 
+class Workspace:
+    """Flat buffers reused from step to step, one per purpose (x_t and gradients gathered, the update).
+
+    Allocating them fresh every step costs more than filling them on CPU, where a large new buffer is
+    page-faulted in as it is first written. What it holds: g and x_t gathered side by side (2 x d
+    elements in the parameters' dtype), kept between steps; the update is written over g, which is dead
+    by then. Not used while torch.compile traces (inductor plans its own buffers)."""
+
+    def __init__(self) -> None:
+        self.buffers: Dict[str, Tensor] = {}
+        self.rows: Optional[Tuple[Tensor, ...]] = None
+
+    def get(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def spare_row(self, x_t: Tensor) -> Optional[Tensor]:
+        """The gradient row of the g/x_t buffer when `x_t` is its other row (free after the sums)."""
+        both = self.buffers.get("g_x")
+        if both is None:
+            return None
+        if self.rows is None or self.rows[0]._base is not both:  # views made once per buffer
+            self.rows = tuple(both.unbind())
+        grad_row, x_row = self.rows
+        return grad_row if x_t.data_ptr() == x_row.data_ptr() and x_t.shape == x_row.shape else None
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+def _buffer(
+    workspace: Optional[Workspace], name: str, shape: Tuple[int, ...], like: Tensor
+) -> Optional[Tensor]:
+    if workspace is None or torch.compiler.is_compiling():
+        return None
+    return workspace.get(name, shape, like)
+
+
+class Tiled(list):
+    """A list of tensors that stays the same from step to step (x_ref, Delta of a cached layout), with
+    the 1-D view of the buffer they tile (or None) found once instead of at every step."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        super().__init__(tensors)
+        self.flat = flat_view(list(self)) if self else None
+
+
 TensorList = List[Tensor]
 TensorsOrCopy = Union[Sequence[Tensor], FlatCopy]
 
@@ -41,10 +90,13 @@ def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
     return [v.view(t.shape) for v, t in zip(torch.split(buffer, [t.numel() for t in tensors]), tensors)]
 
 
-def gather(tensors: Sequence[Tensor]) -> Tensor:
-    """A new 1-D tensor holding the elements of `tensors` in order (one op; `_chunk_cat` takes no 0-d
-    tensor, so those are viewed as 1-element ones)."""
-    return torch._chunk_cat([t if t.dim() else t.view(1) for t in tensors], 0, 1).view(-1)
+def gather(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """A 1-D tensor holding the elements of `tensors` in order, new or written into `out` (one op;
+    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones)."""
+    parts = [t if t.dim() else t.view(1) for t in tensors]
+    if out is None:
+        return torch._chunk_cat(parts, 0, 1).view(-1)
+    return torch._chunk_cat(parts, 0, 1, out=out.view(1, -1)).view(-1)
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
@@ -57,6 +109,8 @@ def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
         return tensors.flat
     if torch.compiler.is_compiling():
         return None
+    if isinstance(tensors, Tiled):
+        return tensors.flat
     first = tensors[0]
     storage = first.untyped_storage().data_ptr()
     start = offset = first.storage_offset()
@@ -105,6 +159,7 @@ def inner_products(
     acc_dtype: torch.dtype,
     x_sums: bool = True,
     copy_x: bool = False,
+    workspace: Optional[Workspace] = None,
 ) -> Tuple[Tensor, Optional[FlatCopy]]:
     """Return ``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` (``acc_dtype``) and, with ``copy_x``, a copy of x.
 
@@ -115,7 +170,8 @@ def inner_products(
     need_x = x is not None and (copy_x or x_sums)
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     if need_x and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
-        both = gather(list(g) + list(x)).view(2, -1)
+        numel = sum(t.numel() for t in x)
+        both = gather(list(g) + list(x), _buffer(workspace, "g_x", (2, numel), x[0])).view(2, -1)
     x_flat = both[1] if both is not None else (gather(x) if need_x else None)  # a real copy: it is x_t
     d_flat = x_flat if d is x and x_flat is not None else flat(d)
     if d_ref is not None:
@@ -149,6 +205,7 @@ def apply_update(
     delta: Optional[Sequence[Tensor]],
     scale: Tensor,
     denom: Tensor,
+    workspace: Optional[Workspace] = None,
 ) -> None:
     """Write x = x_ref + scale * (Delta + u) into ``x``, which holds the base optimizer's result x_base.
 
@@ -159,7 +216,10 @@ def apply_update(
     ``x_copy`` is consumed (overwritten).
     """
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
-    u = gather(x)
+    spare = None if workspace is None or torch.compiler.is_compiling() else workspace.spare_row(x_t)
+    if spare is None:
+        spare = _buffer(workspace, "update", tuple(x_t.shape), x_t)
+    u = gather(x, spare)
     u.sub_(x_t)
     ref = flat(x_ref)
     if delta is None:
@@ -172,5 +232,5 @@ def apply_update(
             stored = gather(delta)
         else:
             stored.add_(u)
-        new = stored.mul(scale)
+        new = torch.mul(stored, scale, out=u) if stored.dtype == u.dtype else stored.mul(scale)
     scatter(new.add_(ref), x)

@@ -9,6 +9,7 @@ runs the foreach implementation instead (the results are the same; it is only sl
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _foreach
-from ._foreach import FlatCopy
+from ._foreach import FlatCopy, Workspace, _buffer
 from .kernels import inner_products as kernels
 
 TL_DTYPES = {
@@ -46,6 +47,25 @@ def _blocks(numels: Sequence[int], device: torch.device) -> Tensor:
         rows = [v for i, n in enumerate(numels) for start in range(0, n, block) for v in (i, start)]
         table = _to_device(rows, device)
         _BLOCKS[key] = table
+    return table
+
+
+# Pointer tables by content: addresses of parameters, x_ref and Delta do not change between steps, nor,
+# usually, those of gradients (the caching allocator hands the same blocks back), so a step finds its
+# table here and copies nothing to the device. A few entries: alternating layouts (two optimizers) hit.
+_TABLES: OrderedDict[Tuple[Tuple[int, ...], torch.device], Tensor] = OrderedDict()
+_MAX_TABLES = 16
+
+
+def _device_table(values: List[int], device: torch.device) -> Tensor:
+    key = (tuple(values), device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = _to_device(values, device)
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
     return table
 
 
@@ -88,15 +108,20 @@ def inner_products(
     acc_dtype: torch.dtype,
     x_sums: bool = True,
     copy_x: bool = False,
+    workspace: Optional[Workspace] = None,
 ) -> Tuple[Tensor, Optional[FlatCopy]]:
-    """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy`."""
+    """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy` (in the workspace)."""
     like = x if x is not None else (g if g is not None else d_ref)
     if like is None or not _contiguous(d, d_ref, g, x):
-        return _foreach.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x)
+        return _foreach.inner_products(
+            d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x, workspace=workspace
+        )
     n = len(like)
     device = like[0].device
     numels = [t.numel() for t in like]
-    copy = FlatCopy(x) if copy_x and x is not None else None  # written by the kernel
+    copy = None  # written by the kernel
+    if copy_x and x is not None:
+        copy = FlatCopy(x, _buffer(workspace, "x_t", (sum(numels),), x[0]))
     blocks = _blocks(numels, device)
     table = _table(
         [
@@ -112,7 +137,7 @@ def inner_products(
     d_dtype = d.flat.dtype if isinstance(d, FlatCopy) else d[0].dtype
     kernels.inner_products_kernel[(partial.shape[0],)](
         blocks,
-        _to_device(table, device),
+        _device_table(table, device),
         partial,
         D_TY=TL_DTYPES[d_dtype],
         REF_TY=TL_DTYPES[d_ref[0].dtype] if d_ref is not None else TL_DTYPES[d_dtype],
@@ -134,10 +159,11 @@ def apply_update(
     delta: Optional[Sequence[Tensor]],
     scale: Tensor,
     denom: Tensor,
+    workspace: Optional[Workspace] = None,
 ) -> None:
     """Same contract as `_foreach.apply_update`, in one pass."""
     if not _contiguous(x, x_copy, x_ref, delta):
-        _foreach.apply_update(x, x_copy, x_ref, delta, scale, denom)
+        _foreach.apply_update(x, x_copy, x_ref, delta, scale, denom, workspace)
         return
     n = len(x)
     device = x[0].device
@@ -149,7 +175,7 @@ def apply_update(
     )
     kernels.apply_update_kernel[(blocks.numel() // 2,)](
         blocks,
-        _to_device(table, device),
+        _device_table(table, device),
         scale,
         denom,
         X_TY=TL_DTYPES[x[0].dtype],

@@ -101,7 +101,8 @@ class _PeakAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in _tensors(args) if a.device.type != "meta"}
+        given = _tensors(args) + _tensors(list((kwargs or {}).values()))  # out= buffers are not new
+        inputs = {a.untyped_storage().data_ptr() for a in given if a.device.type != "meta"}
         for t in _tensors(out):
             storage = t.untyped_storage()
             if storage.data_ptr() in inputs or storage.nbytes() == 0:
@@ -246,7 +247,15 @@ def _peak_bytes(step: Callable[[], Any], set_grads: Callable[[], Any], device: s
         return None  # compiled code allocates below the dispatcher
     with _PeakAllocations() as mode:
         step()
-    return mode.peak
+    return mode.peak + _kept_bytes(step)
+
+
+def _kept_bytes(step: Callable[[], Any]) -> int:
+    """Bytes a mechanized optimizer keeps between steps for them (its workspace), counted in the step's
+    peak: they are allocated for the step, only not freed after it."""
+    opt = getattr(step, "__self__", None)
+    layout = getattr(opt, "_mechanic_layout", None)
+    return sum(grp.workspace.nbytes() for grp in layout[1]) if layout else 0
 
 
 # ---------------------------------------------------------------------------------------------- sweep

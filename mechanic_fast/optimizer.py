@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _backend, _distributed, _state, tuner
+from . import _backend, _distributed, _foreach, _state, tuner
 from ._config import MechanicConfig
 
 logger = logging.getLogger("mechanic_fast")
@@ -44,6 +44,8 @@ class _Group(NamedTuple):
     impl: ModuleType
     reduce_over: Tuple[Any, ...]
     maximize: bool  # the base moves along +g: Mechanic's inner product must see -g
+    workspace: _foreach.Workspace  # flat buffers kept from step to step
+    index: List[int]  # positions of the group's tensors in the step's parameter list
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
@@ -89,6 +91,8 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
         self._mechanic_acc_dtype = torch.float32
         self._mechanic_run_cfg: Optional[MechanicConfig] = None
+        # the last step's groups without gradients, keyed by the parameters (ids) and maximize flags
+        self._mechanic_layout: Optional[Tuple[Tuple[Any, ...], List[_Group]]] = None
 
     # ------------------------------------------------------------------------- copy and pickle
     def __getstate__(self) -> Dict[str, Any]:
@@ -263,29 +267,53 @@ class Mechanic(torch.optim.Optimizer):
         grads: List[Tensor],
         refs: Dict[Tensor, Dict[str, Tensor]],
         maximize: set,
+        new_refs: bool,
     ) -> List[_Group]:
-        """Aligned lists of local tensors per reduction domain, device and dtype."""
-        store_delta = self._mechanic_run_config().store_delta
+        """Aligned lists of local tensors per reduction domain, device and dtype.
+
+        The lists other than the gradients are kept from step to step while the same parameters step
+        (so a step does O(1) Python work per tensor: one list of gradients); they are re-made when
+        parameters come or go, when state is created or loaded, and always for sharded (DTensor)
+        parameters, whose local tensors FSDP may swap."""
+        key = (
+            (tuple(map(id, params)), tuple(p in maximize for p in params))
+            if maximize
+            else tuple(map(id, params))
+        )
+        layout = self._mechanic_layout
+        if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
+            return [grp._replace(grads=_local_1d([grads[i] for i in grp.index])) for grp in layout[1]]
+        store_delta = self._mechanic_run_cfg.store_delta
+        # buffers outlive a re-made layout (a parameter added): kept per group kind, dtype and device
+        workspaces = {} if layout is None else {_workspace_key(g): g.workspace for g in layout[1]}
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p)
-            key = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
-            buckets.setdefault(key, []).append(i)
+            key_ = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
+            buckets.setdefault(key_, []).append(i)
         groups = []
         for (reduce_over, device, _, maximizes), idx in buckets.items():
             ps = [params[i] for i in idx]
+            impl = _backend.select(self._mechanic_config.backend, device)
+            local = _local_1d(ps)
+            kind = (impl, reduce_over, maximizes, local[0].dtype, device)
             groups.append(
                 _Group(
-                    _local_1d(ps),
+                    local,
                     _local_1d([grads[i] for i in idx]),
-                    _local_1d([refs[p][_state.X_REF] for p in ps]),
-                    _local_1d([refs[p][_state.DELTA] for p in ps]) if store_delta else None,
-                    _backend.select(self._mechanic_config.backend, device),
+                    _foreach.Tiled(_local_1d([refs[p][_state.X_REF] for p in ps])),
+                    _foreach.Tiled(_local_1d([refs[p][_state.DELTA] for p in ps])) if store_delta else None,
+                    impl,
                     reduce_over,
                     maximizes,
+                    workspaces.get(kind, _foreach.Workspace()),
+                    idx,
                 )
             )
+        sharded = any(_distributed.is_dtensor(p) for p in params)
+        if not sharded and not torch.compiler.is_compiling():
+            self._mechanic_layout = (key, groups)
         return groups
 
     def _mechanic_total(self, parts: List[Tuple[Tensor, Tuple[Any, ...]]], device: torch.device) -> Tensor:
@@ -314,6 +342,7 @@ class Mechanic(torch.optim.Optimizer):
                 acc_dtype=self._mechanic_acc_dtype,
                 x_sums=cfg.variant == "paper",  # mechanic_pytorch uses x after the base step
                 copy_x=True,
+                workspace=grp.workspace,
             )
             if grp.maximize:  # <d, -g>; the norms do not change
                 sums = torch.cat([sums[:1].neg(), sums[1:]])
@@ -354,6 +383,7 @@ class Mechanic(torch.optim.Optimizer):
                 grp.deltas,
                 scale.to(device, non_blocking=True),
                 denom.to(device, non_blocking=True),
+                grp.workspace,
             )
         # Commit in place (stable addresses for CUDA graphs). Not one _foreach_copy_: inductor (torch
         # 2.13) fuses it so that r_new reads the already-overwritten s; see test_compile.py.
@@ -403,7 +433,7 @@ class Mechanic(torch.optim.Optimizer):
         pre, post = self._mechanic_fns()
         old = _state.tuner_state(entry)
         with torch.no_grad():
-            groups = self._mechanic_groups(params, grads, refs, maximize)
+            groups = self._mechanic_groups(params, grads, refs, maximize, new_refs)
             sums, copies = pre(groups, old.s.device)
             # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite;
             # so do finite ones that overflow them, which are not skipped (the tuner step is then
@@ -489,6 +519,10 @@ def _check_group(cfg: MechanicConfig, group: Dict[str, Any]) -> None:
             "(the scale cannot grow) and overflows float16 while S is small. Leave store_delta at its "
             "default (Delta is kept as state), with ref_dtype='float32' to keep it in float32"
         )
+
+
+def _workspace_key(grp: _Group) -> Tuple[Any, ...]:
+    return (grp.impl, grp.reduce_over, grp.maximize, grp.params[0].dtype, grp.params[0].device)
 
 
 def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
