@@ -30,3 +30,20 @@ def test_bench_suite_runs_once_per_case(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_gpu_check_says_it_needs_a_gpu_here(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run bench/gpu_check.py itself")
+    out = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--out-dir", str(tmp_path / "gpu")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
+    assert not (tmp_path / "gpu").exists()
