@@ -33,15 +33,13 @@ def test_bench_suite_runs_once_per_case(tmp_path):
 
 
 def test_gpu_check_says_it_needs_a_gpu_here(tmp_path):
-    import subprocess
-    import sys
-
+    import pytest
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: run bench/gpu_check.py itself")
     out = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--out-dir", str(tmp_path / "gpu")],
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out-dir", str(tmp_path / "gpu")],
         capture_output=True,
         text=True,
     )
