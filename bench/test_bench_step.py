@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechanic_fast.benchmark import MAX_COMPILED_TENSORS, _make_optimizer, shape_sets
+from mechanic_fast.benchmark import MAX_COMPILED_TENSORS, Unavailable, _make_optimizer, shape_sets
 
 SHAPES = shape_sets(quick=False)
 IMPLS = ["base", "mechanic_pytorch", "foreach", "base_compiled", "compiled"] + (
@@ -28,9 +28,10 @@ def test_step(benchmark, shapes, impl):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[shapes]]
     grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES[shapes]]
-    step = _make_optimizer(impl, params)
-    if step is None:
-        pytest.skip(f"{impl} is not available here")
+    try:
+        step = _make_optimizer(impl, params)
+    except Unavailable as why:
+        pytest.skip(f"{impl}: {why}")
 
     def setup():
         for p, g in zip(params, grads):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -121,8 +122,27 @@ def _tensors(obj: Any) -> List[torch.Tensor]:
     return []
 
 
-def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Callable[[], Any]]:
-    """The step function of one implementation, or None where it cannot run here."""
+class Unavailable(Exception):
+    """An implementation that cannot run here, and why (shown in the row's note)."""
+
+
+def load_warning() -> Optional[str]:
+    """Why timings taken now would not be trustworthy (other work keeps the cores busy), or None."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load < 0.5 * cores:
+        return None
+    return (
+        f"load average {load:.1f} on {cores} cores: other work is running, so these timings are not "
+        "trustworthy (compare rows of one run only, or re-run on an idle machine)"
+    )
+
+
+def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Callable[[], Any]:
+    """The step function of one implementation; raises `Unavailable` where it cannot run here."""
     kwargs = dict(lr=1e-3, weight_decay=0.01, foreach=True)
     if impl == "base":
         return torch.optim.AdamW(params, **kwargs).step
@@ -132,7 +152,7 @@ def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Cal
         try:
             import mechanic_pytorch
         except ImportError:
-            return None
+            raise Unavailable("not installed (pip install mechanic-pytorch==0.0.1)") from None
         return mechanic_pytorch.mechanize(torch.optim.AdamW)(params, **kwargs).step
     if impl == "foreach":
         return mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step
@@ -140,7 +160,7 @@ def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Optional[Cal
         return torch.compile(mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step)
     if impl == "triton":
         if params[0].device.type != "cuda":
-            return None
+            raise Unavailable("needs CUDA (Triton compiles for GPUs)")
         return mechanize(torch.optim.AdamW, backend="triton")(params, **kwargs).step
     raise ValueError(impl)
 
@@ -187,10 +207,11 @@ def measure(
         ]
         try:
             step = _make_optimizer(impl, params)
+        except Unavailable as exc:
+            row["note"] = str(exc)
+            continue
         except Exception as exc:  # e.g. an implementation that refuses this dtype
-            step, row["note"] = None, f"unavailable: {type(exc).__name__}: {exc}"
-        if step is None:
-            row.setdefault("note", "unavailable on this device")
+            row["note"] = f"unavailable: {type(exc).__name__}: {exc}"
             continue
 
         def set_grads(params=params) -> None:
@@ -301,6 +322,7 @@ def machine_info() -> Dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
@@ -312,8 +334,8 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head = (
         "| device | dtype | shapes | impl | step ms | overhead ms | floor ms | overhead / floor "
-        "| speedup vs mechanic-pytorch | peak extra MiB |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| speedup vs mechanic-pytorch | peak extra MiB | note |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
     for r in rows:
@@ -323,8 +345,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             f"| {_fmt(r.get('step_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_ms'), '.2f')} | {_fmt(r.get('floor_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_over_floor'), '.1f')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} "
-            f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} |"
-            + (f" {r['note']}" if "note" in r and "step_ms" not in r else "")
+            f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} "
+            f"| {r.get('note', '').replace('|', '/')} |"
         )
     return head + "\n".join(lines) + "\n"
 

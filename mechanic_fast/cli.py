@@ -9,7 +9,7 @@ import os
 import sys
 import sysconfig
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -27,9 +27,25 @@ CORPUS_MODULES = (
     "shlex.py",
 )
 DEFAULT_LRS = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1"
-# Plain AdamW's best lr at the default 1500 steps, from the grid {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}: final
-# validation losses 1.931, 1.714, 1.806, 1.800, 2.285 (measured on the reference machine).
-BASELINE_LR = 1e-3
+QUICK_LRS = "1e-5,1e-3,1e-1"
+QUICK_STEPS = 500  # fewer would leave every run in its first, noisy phase
+
+
+class Base(NamedTuple):
+    label: str
+    cls: type
+    options: Dict[str, Any]
+    tuned_lr: float  # the best lr of a grid, measured on this machine (see README)
+
+
+# The best lr at the default 1500 steps, from a grid, measured on the reference machine. AdamW from
+# {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}: final validation losses 1.931, 1.714, 1.806, 1.800, 2.285. SGD with
+# momentum 0.9 from {0.01, 0.03, 0.1, 0.3, 1}: 1.866, 1.763, 1.956, 2.248, diverged.
+BASES = {
+    "adamw": Base("AdamW", torch.optim.AdamW, dict(weight_decay=0.0), 1e-3),
+    "sgd": Base("SGD", torch.optim.SGD, dict(momentum=0.9), 0.03),
+}
+BASELINE_LR = BASES["adamw"].tuned_lr
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -70,12 +86,19 @@ def _evaluate(model: torch.nn.Module, data: torch.Tensor, context: int) -> float
 
 
 def train_run(
-    train: torch.Tensor, val: torch.Tensor, lr: float, mechanized: bool, args: argparse.Namespace, bar: Any
+    train: torch.Tensor,
+    val: torch.Tensor,
+    base: Base,
+    lr: float,
+    mechanized: bool,
+    args: argparse.Namespace,
+    progress: Progress,
 ) -> Dict[str, Any]:
+    """One training run; every run starts from the same init and sees the same batches."""
     torch.manual_seed(args.seed)
     model = CharModel(args.context)
-    opt_class = mechanize(torch.optim.AdamW) if mechanized else torch.optim.AdamW
-    opt = opt_class(model.parameters(), lr=lr, weight_decay=0.0)
+    opt_class = mechanize(base.cls) if mechanized else base.cls
+    opt = opt_class(model.parameters(), lr=lr, **base.options)
     losses, scales = [], []
     for x, y in _batches(train, args.context, args.batch_size, args.steps, args.seed):
         opt.zero_grad(set_to_none=True)
@@ -83,103 +106,209 @@ def train_run(
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        scales.append(opt.mechanic_scale.item() if mechanized else 1.0)
-        bar.update(1)
+        if mechanized:
+            scales.append(opt.mechanic_scale.item())
+        progress.update(1)
     final = _evaluate(model, val, args.context)
-    scale = scales[-1]
+    scale = scales[-1] if mechanized else None
     return {
-        "optimizer": "mechanized AdamW" if mechanized else "AdamW (tuned)",
+        "optimizer": f"mechanized {base.label}" if mechanized else base.label,
+        "base": base.label,
+        "mechanized": mechanized,
         "base_lr": lr,
         "val_loss": final if math.isfinite(final) else float("nan"),
         "scale": scale,
-        "effective_lr": scale * lr,
+        "effective_lr": scale * lr if mechanized else lr,
         "train_loss": losses,
-        "scale_curve": scales,
+        "scale_curve": scales if mechanized else None,
     }
 
 
-def _progress_bar(total: int, desc: str):
-    try:
-        from tqdm import tqdm
+class Progress:
+    """A progress bar on a terminal; elsewhere (a CI log) one line per finished run, never per step."""
 
-        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-    except ImportError:  # a plain counter on stderr
-        return _PlainBar(total, desc)
+    def __init__(self, total_steps: int, runs: int) -> None:
+        self.runs, self.done, self.started = runs, 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
 
+                self.bar = tqdm(total=total_steps, file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
 
-class _PlainBar:
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.n = total, desc, 0
+    def start(self, what: str) -> None:
+        self.what, self.started = what, time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_description(what)
 
-    def update(self, k: int) -> None:
-        self.n += k
-        if self.n % max(1, self.total // 20) == 0 or self.n == self.total:
-            print(f"\r{self.desc}: {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+    def update(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
+    def finish(self, result: str) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.runs}] {self.what}: {result} ({time.perf_counter() - self.started:.1f} s)"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        print(file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
 
 
 def demo(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_corpus()
     split = int(0.9 * len(data))
     train, val = data[:split], data[split:]
-    lrs = args.lrs
+    bases = [BASES[name] for name in args.bases]
+    # the tuned reference is its own run unless the lr grid already has that lr
+    jobs = [(b, args.baseline_lr or b.tuned_lr, False, "tuned") for b in bases]
+    jobs = [j for j in jobs if j[1] not in args.lrs]
+    jobs += [(b, lr, m, "") for b in bases for lr in args.lrs for m in (False, True)]
     start = time.perf_counter()
     print(
         f"Next-byte prediction on {len(data):,} bytes of Python's own standard library "
-        f"({', '.join(CORPUS_MODULES)}); {args.steps} steps of batch {args.batch_size} per run.\n"
+        f"({', '.join(CORPUS_MODULES)}); {args.steps} steps of batch {args.batch_size} per run, every run "
+        "from the same initialisation on the same batches.\n"
     )
-    bar = _progress_bar((len(lrs) + 1) * args.steps, "training")
-    runs = []
-    for lr, mechanized in [(args.baseline_lr, False)] + [(lr, True) for lr in lrs]:
-        bar.set_description(f"{'mechanized' if mechanized else 'tuned AdamW'} lr={lr:g}")
-        runs.append(train_run(train, val, lr, mechanized, args, bar))
-    bar.close()
-    print(results_table(runs))
-    print(f"\n({time.perf_counter() - start:.0f} s)")
+    progress = Progress(len(jobs) * args.steps, len(jobs))
+    tuned, runs = {}, []
+    for base, lr, mechanized, kind in jobs:
+        name = f"{'mechanized ' if mechanized else ''}{base.label}"
+        progress.start(f"{name} lr={lr:g}" + (" (tuned)" if kind else ""))
+        run = train_run(train, val, base, lr, mechanized, args, progress)
+        progress.finish(f"val loss {run['val_loss']:.3f}")
+        if kind:
+            run["optimizer"] += " (tuned)"
+            tuned[base.label] = run
+        else:
+            runs.append(run)
+    progress.close()
+    for base in bases:
+        if base.label not in tuned:
+            lr = args.baseline_lr or base.tuned_lr
+            run = next(
+                r for r in runs if r["base"] == base.label and r["base_lr"] == lr and not r["mechanized"]
+            )
+            tuned[base.label] = {**run, "optimizer": run["optimizer"] + " (tuned)"}
+    for base in bases:
+        print(results_table([r for r in runs if r["base"] == base.label], tuned[base.label]))
+        print()
+        print(conclusion([r for r in runs if r["base"] == base.label], tuned[base.label]))
+        print()
+    print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "batch_size": args.batch_size, "runs": runs}, f)
+            json.dump(
+                {
+                    "steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "tuned": list(tuned.values()),
+                    "runs": runs,
+                },
+                f,
+            )
     if args.plot:
-        plot_runs(runs, args.plot)
+        plot_runs(runs, list(tuned.values()), args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def results_table(runs: Sequence[Dict[str, Any]]) -> str:
+def _loss(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "diverged"
+
+
+def results_table(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
+    """One row per base lr: the plain and the mechanized optimizer side by side."""
+    label = tuned["base"]
     lines = [
-        "| optimizer | base lr | final val loss | learned scale | effective lr |",
-        "|---|---:|---:|---:|---:|",
+        f"Final validation loss (lower is better), {label} with and without Mechanic:",
+        "",
+        f"| base lr | {label} | mechanized {label} | learned scale S | effective lr S*lr |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    for r in runs:
-        scale = f"{r['scale']:.3g}" if r["optimizer"].startswith("mechanized") else "-"
-        lr, loss, effective = r["base_lr"], r["val_loss"], r["effective_lr"]
-        lines.append(f"| {r['optimizer']} | {lr:g} | {loss:.3f} | {scale} | {effective:.3g} |")
+    for lr in sorted({r["base_lr"] for r in runs}):
+        plain = next(r for r in runs if r["base_lr"] == lr and not r["mechanized"])
+        mech = next(r for r in runs if r["base_lr"] == lr and r["mechanized"])
+        lines.append(
+            f"| {lr:g} | {_loss(plain['val_loss'])} | {_loss(mech['val_loss'])} | {mech['scale']:.3g} "
+            f"| {mech['effective_lr']:.3g} |"
+        )
+    lines.append(f"| tuned: {tuned['base_lr']:g} | {_loss(tuned['val_loss'])} | | | |")
     return "\n".join(lines)
 
 
-def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> None:
+def _spread(runs: Sequence[Dict[str, Any]]) -> str:
+    finite = [r["val_loss"] for r in runs if math.isfinite(r["val_loss"])]
+    diverged = len(runs) - len(finite)
+    if not finite:
+        return "every run diverged"
+    text = f"{min(finite):.3f} to {max(finite):.3f} (spread {max(finite) - min(finite):.3f})"
+    return text + (f", {diverged} diverged" if diverged else "")
+
+
+def conclusion(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
+    """The measured answer to "how much does the base lr matter, with and without Mechanic?"."""
+    label = tuned["base"]
+    lrs = sorted({r["base_lr"] for r in runs})
+    plain = [r for r in runs if not r["mechanized"]]
+    mech = [r for r in runs if r["mechanized"]]
+    best = min((r for r in mech if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"], default=None)
+    gap = f"; the best mechanized run ({best['val_loss']:.3f} at lr {best['base_lr']:g}) is " + (
+        f"{best['val_loss'] - tuned['val_loss']:+.3f} from tuned {label} ({tuned['val_loss']:.3f})"
+        if best
+        else ""
+    )
+    return (
+        f"Conclusion: over base lrs {lrs[0]:g} to {lrs[-1]:g}, {label}'s final loss ranges "
+        f"{_spread(plain)}; mechanized {label}'s ranges {_spread(mech)}" + (gap if best else "") + "."
+    )
+
+
+def plot_runs(runs: Sequence[Dict[str, Any]], tuned: Sequence[Dict[str, Any]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_scale) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.cm.viridis([i / max(1, len(runs) - 2) for i in range(len(runs) - 1)])
-    window = 20
-    for r, color in zip(runs[1:], colors):
-        label = f"mechanized, lr={r['base_lr']:g}"
-        ax_loss.plot(_smooth(r["train_loss"], window), color=color, label=label)
-        ax_scale.plot(r["scale_curve"], color=color, label=label)
-    ax_loss.plot(
-        _smooth(runs[0]["train_loss"], window), "k--", label=f"AdamW tuned, lr={runs[0]['base_lr']:g}"
+    styles = iter(["C0", "C1", "C2", "C3"])
+    for reference in tuned:
+        for mechanized in (False, True):
+            mine = sorted(
+                (r for r in runs if r["base"] == reference["base"] and r["mechanized"] == mechanized),
+                key=lambda r: r["base_lr"],
+            )
+            color = next(styles)
+            ax_loss.plot(
+                [r["base_lr"] for r in mine],
+                [r["val_loss"] for r in mine],
+                "o-",
+                color=color,
+                label=f"{'mechanized ' if mechanized else ''}{reference['base']}",
+            )
+        ax_loss.axhline(
+            reference["val_loss"],
+            linestyle="--",
+            color="gray",
+            label=f"{reference['base']} tuned (lr {reference['base_lr']:g})",
+        )
+    ax_loss.set(
+        xscale="log",
+        xlabel="base learning rate",
+        ylabel="final validation loss",
+        title="Final loss vs base lr",
     )
-    ax_loss.set(xlabel="step", ylabel=f"train loss (running mean of {window})", title="Loss")
+    mech = [r for r in runs if r["mechanized"]]
+    colors = plt.cm.viridis([i / max(1, len(mech) - 1) for i in range(len(mech))])
+    for r, color in zip(mech, colors):
+        ax_scale.plot(r["scale_curve"], color=color, label=f"{r['optimizer']}, lr={r['base_lr']:g}")
     ax_scale.set(
         xlabel="step",
         ylabel="learned scale S",
@@ -187,40 +316,39 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> None:
         title="Mechanic's scale (effective lr = S * lr)",
     )
     ax_loss.legend(fontsize=7)
-    ax_scale.legend(fontsize=7)
+    ax_scale.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _smooth(values: Sequence[float], window: int) -> List[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 # --------------------------------------------------------------------------------------------- bench
 def bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
-    bar = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warning = benchmark.load_warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    progress: Optional[Progress] = None
 
-    def progress(done: int, total: int, what: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _progress_bar(total, "benchmark")
-        bar.set_description(what)
+    def report(done: int, total: int, what: str) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(total, total)
         if done:
-            bar.update(1)
+            progress.update(1)
+            progress.finish("measured")
+        if done < total:
+            progress.start(what)
 
-    result = benchmark.run_sweep(args.device, args.quick, args.json, args.md, args.plot, progress)
-    if bar is not None:
-        bar.close()
+    result = benchmark.run_sweep(args.device, args.quick, args.json, args.md, args.plot, report)
+    if progress is not None:
+        progress.close()
     print(benchmark.markdown_table(result["rows"]))
+    if warning:
+        print(f"\nwarning: {warning}")
     return 0
 
 
@@ -254,16 +382,40 @@ _positive_int = _positive(int, "integer")
 _positive_float = _positive(float, "number")
 
 
-def _output(suffix: Optional[str]):
-    def check(text: str) -> str:
-        parent = os.path.dirname(os.path.abspath(text))
-        if not os.path.isdir(parent):
-            raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist")
-        if suffix and not text.lower().endswith(suffix):
-            raise argparse.ArgumentTypeError(f"{text!r} must end in {suffix}")
-        return text
+OUTPUTS = {"json": ".json", "md": ".md", "plot": ".png"}
 
-    return check
+
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that could not be written at the end (exit 2, one line)."""
+    for name, suffix in OUTPUTS.items():
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        flag = f"--{name}"
+        if os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a directory; give a file name ending in {suffix}")
+        if not path.lower().endswith(suffix):
+            parser.error(f"{flag} {path!r} must end in {suffix}")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            parser.error(f"{flag} {path!r}: directory {parent!r} does not exist")
+        if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            parser.error(f"{flag} {path!r} is not writable")
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+
+
+def _bases(text: str) -> List[str]:
+    names = [v.strip().lower() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in BASES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--bases takes a comma-separated subset of {sorted(BASES)}, got {text!r}"
+        )
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,22 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="train on real data: tuned AdamW vs mechanized AdamW over many base learning rates",
-        description="Train a next-byte model on the source code of Python's standard library, once with a "
-        "tuned AdamW and then with mechanized AdamW at base learning rates spread over many orders of "
-        "magnitude, and print final validation losses and Mechanic's learned scales.",
+        help="train on real data: how much the base lr matters with and without Mechanic",
+        description="Train a next-byte model on the source code of Python's standard library with plain "
+        "and mechanized AdamW (and SGD with momentum, with --bases adamw,sgd) at base learning rates "
+        "spread over six orders of magnitude, plus the plain optimizer at its tuned lr; print the final "
+        "validation losses side by side and the spread of each over the lr range.",
     )
     d.add_argument(
         "--lrs",
         type=_lr_list,
-        default=_lr_list(DEFAULT_LRS),
-        help=f"comma-separated base learning rates for mechanized AdamW (default {DEFAULT_LRS})",
+        default=None,
+        help=f"comma-separated base learning rates (default {DEFAULT_LRS}; --quick: {QUICK_LRS})",
+    )
+    d.add_argument(
+        "--bases",
+        type=_bases,
+        default=["adamw", "sgd"],
+        help="comma-separated base optimizers: adamw, sgd (with momentum 0.9) (default adamw,sgd)",
     )
     d.add_argument(
         "--baseline-lr",
         type=_positive_float,
-        default=BASELINE_LR,
-        help=f"learning rate of the tuned AdamW baseline (default {BASELINE_LR:g})",
+        default=None,
+        help="lr of the plain optimizer's tuned reference run (default: the best of a grid measured on "
+        + ", ".join(f"{b.label} {b.tuned_lr:g}" for b in BASES.values())
+        + ")",
     )
     d.add_argument("--steps", type=_positive_int, default=1500, help="training steps per run (default 1500)")
     d.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per step (default 64)")
@@ -306,14 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     d.add_argument(
-        "--quick", action="store_true", help="a few seconds' run (60 steps, 3 learning rates), for tests"
+        "--quick",
+        action="store_true",
+        help=f"3 learning rates ({QUICK_LRS}) and at most {QUICK_STEPS} steps: about 10 s",
     )
-    d.add_argument(
-        "--plot", type=_output(".png"), help="write loss curves and the learned scale to this PNG file"
-    )
-    d.add_argument(
-        "--json", type=_output(None), help="write the results (per-step losses and scales) to this JSON file"
-    )
+    d.add_argument("--plot", help="write final loss vs base lr and the learned scales to this .png file")
+    d.add_argument("--json", help="write the results (per-step losses and scales) to this .json file")
     d.set_defaults(func=demo)
 
     b = sub.add_parser(
@@ -329,9 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="device to benchmark (repeatable; default: every device present)",
     )
     b.add_argument("--quick", action="store_true", help="small shapes and few repeats, no compile (seconds)")
-    b.add_argument("--json", type=_output(".json"), help="write the rows and machine info to this JSON file")
-    b.add_argument("--md", type=_output(".md"), help="write the markdown table to this file")
-    b.add_argument("--plot", type=_output(".png"), help="write a bar plot of step times to this PNG file")
+    b.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    b.add_argument("--json", help="write the rows and machine info to this .json file")
+    b.add_argument("--md", help="write the markdown table to this .md file")
+    b.add_argument("--plot", help="write a bar plot of step times to this .png file")
     b.set_defaults(func=bench)
     return parser
 
@@ -339,11 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo" and args.quick:
-        args.steps = min(args.steps, 60)
-        args.lrs = (
-            [args.lrs[0], args.lrs[len(args.lrs) // 2], args.lrs[-1]] if len(args.lrs) > 3 else args.lrs
-        )
+    check_outputs(parser, args)  # before any work: a bad path must not cost a whole run
+    if args.command == "demo":
+        if args.quick:
+            args.steps = min(args.steps, QUICK_STEPS)
+        if args.lrs is None:
+            args.lrs = _lr_list(QUICK_LRS if args.quick else DEFAULT_LRS)
     if args.command == "bench":
         missing = [d for d in args.device or [] if d not in _present_devices()]
         if missing:

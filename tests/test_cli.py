@@ -24,7 +24,7 @@ def run_cli(*args, cwd, timeout=300):
     )
 
 
-def test_demo_quick_prints_table_and_writes_plot_and_json(tmp_path):
+def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     out = tmp_path / "out"
@@ -33,29 +33,82 @@ def test_demo_quick_prints_table_and_writes_plot_and_json(tmp_path):
         "demo", "--quick", "--plot", str(out / "demo.png"), "--json", str(out / "demo.json"), cwd=work
     )
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| optimizer | base lr | final val loss | learned scale | effective lr |")
-    assert rows[1].startswith("| AdamW (tuned) |")
-    assert len([r for r in rows if r.startswith("| mechanized AdamW |")]) == 3
-    assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
     data = json.loads((out / "demo.json").read_text())
-    assert len(data["runs"]) == 4
-    for run in data["runs"]:
-        assert {
-            "optimizer",
-            "base_lr",
-            "val_loss",
-            "scale",
-            "effective_lr",
-            "train_loss",
-            "scale_curve",
-        } <= set(run)
-        assert len(run["train_loss"]) == data["steps"] == 60
-    mechanized = [r for r in data["runs"] if r["optimizer"].startswith("mechanized")]
-    assert all(r["effective_lr"] == pytest.approx(r["scale"] * r["base_lr"]) for r in mechanized)
-    assert len({r["scale"] for r in mechanized}) == 3  # each run learned its own scale
+    assert data["steps"] == 500  # quick: fewer lrs, not steps cut to noise
+    for label in ("AdamW", "SGD"):
+        header = f"| base lr | {label} | mechanized {label} | learned scale S | effective lr S*lr |"
+        lines = result.stdout.splitlines()
+        start = lines.index(header)
+        rows = [line for line in lines[start + 2 :] if line.startswith("| ")][:4]
+        assert [r.split("|")[1].strip() for r in rows] == ["1e-05", "0.001", "0.1", f"tuned: {_tuned(label)}"]
+        for row in rows[:3]:  # a plain and a mechanized loss on every row
+            cells = [c.strip() for c in row.split("|")[1:-1]]
+            assert len(cells) == 5 and all(cells), row
+        conclusion = next(
+            line for line in lines if line.startswith("Conclusion: over base lrs") and f" {label}'s" in line
+        )
+        assert "spread" in conclusion and f"mechanized {label}'s ranges" in conclusion
+        runs = [r for r in data["runs"] if r["base"] == label]
+        assert sorted((r["base_lr"], r["mechanized"]) for r in runs) == sorted(
+            (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in (False, True)
+        )
+        for r in runs:
+            assert len(r["train_loss"]) == 500
+            if r["mechanized"]:
+                assert r["effective_lr"] == pytest.approx(r["scale"] * r["base_lr"])
+                assert len(r["scale_curve"]) == 500
+    assert {t["base"] for t in data["tuned"]} == {"AdamW", "SGD"}
+    assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(os.listdir(out)) == ["demo.json", "demo.png"] and os.listdir(work) == []
-    assert "training" in result.stderr or "mechanized" in result.stderr  # the progress bar
+    # not a terminal: one line per run on stderr, no progress bar redrawn per step
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == len(data["runs"]) + 1  # + SGD's tuned lr 0.03, not in the quick grid
+    assert "\r" not in result.stderr
+
+
+def _tuned(label):
+    from mechanic_fast.cli import BASES
+
+    return f"{next(b.tuned_lr for b in BASES.values() if b.label == label):g}"
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+@pytest.mark.parametrize(
+    "option,make,message",
+    [
+        ("--json", lambda d: d / "adir", "is a directory"),
+        ("--plot", lambda d: d / "adir.png", "is a directory"),
+        ("--json", lambda d: d / "out.txt", "must end in .json"),
+        ("--plot", lambda d: d / "no" / "such" / "x.png", "does not exist"),
+    ],
+)
+def test_bad_output_paths_fail_before_any_work(command, option, make, message, tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.png").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    result = run_cli(command, option, str(make(tmp_path)), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "[1/" not in result.stderr and "Next-byte" not in result.stdout  # nothing trained or measured
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_plot_without_matplotlib_fails_before_any_work(command, tmp_path):
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('matplotlib is blocked for this test')\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker), PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "-m", "mechanic_fast", command, "--plot", "x.png"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2 and "needs matplotlib" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["site"]
 
 
 @pytest.mark.parametrize(
@@ -65,6 +118,7 @@ def test_demo_quick_prints_table_and_writes_plot_and_json(tmp_path):
             "demo",
             [
                 "--lrs",
+                "--bases",
                 "--baseline-lr",
                 "--steps",
                 "--batch-size",
@@ -76,7 +130,7 @@ def test_demo_quick_prints_table_and_writes_plot_and_json(tmp_path):
                 "--json",
             ],
         ),
-        ("bench", ["--device", "--quick", "--json", "--md", "--plot"]),
+        ("bench", ["--device", "--quick", "--threads", "--json", "--md", "--plot"]),
     ],
 )
 def test_help_explains_every_option(command, options, tmp_path):
@@ -93,6 +147,7 @@ def test_help_explains_every_option(command, options, tmp_path):
         (["demo", "--lrs", "abc"], "numbers"),
         (["demo", "--steps", "0"], "positive integer"),
         (["demo", "--plot", "out.jpg"], ".png"),
+        (["demo", "--bases", "adamw,lion"], "--bases"),
         (["demo", "--plot", "/no/such/dir/x.png"], "does not exist"),
         (["bench", "--device", "tpu"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
@@ -131,6 +186,31 @@ def test_bench_quick_writes_json_markdown_and_png(tmp_path):
             assert row["step_ms"] > 0 and "overhead_over_floor" in row and "speedup_vs_reference" in row
     table = (tmp_path / "b.md").read_text()
     assert table.startswith("| device | dtype |") and table.count("| cpu |") == len(data["rows"])
+    lines = table.strip().splitlines()
+    columns = lines[0].count("|")
+    assert all(line.count("|") == columns for line in lines), "every row has the header's cells"
+    triton = next(line for line in lines if "| triton |" in line)
+    assert "needs CUDA" in triton  # said as what it is, in the note column
     assert table in result.stdout
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(os.listdir(tmp_path)) == ["b.json", "b.md", "b.png"]
+
+
+def test_bench_says_not_installed_as_such(monkeypatch):
+    import torch
+
+    from mechanic_fast import benchmark
+
+    monkeypatch.setitem(sys.modules, "mechanic_pytorch", None)  # import fails as if not installed
+    rows = benchmark.measure("cpu", torch.float32, "tiny", [torch.Size((4, 4))], ["mechanic_pytorch"], True)
+    assert rows[0]["note"].startswith("not installed")
+
+
+def test_bench_warns_when_the_machine_is_busy(monkeypatch):
+    from mechanic_fast import benchmark
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 0.5))
+    assert "not trustworthy" in benchmark.load_warning()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert benchmark.load_warning() is None

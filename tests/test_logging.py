@@ -73,3 +73,16 @@ def test_log_numbering_continues_from_a_checkpoint_saved_without_logging():
     fresh.load_state_dict(opt.state_dict())
     _train(fresh, params, 1)
     assert [d["iter_count"] for d in seen] == [6]
+
+
+@pytest.mark.parametrize(
+    "variant,before,after",
+    [("paper", 6e-6, 1e-6), ("mechanic_pytorch", 0.0, sum(1 - 10.0**-i for i in range(1, 7)) * 1e-6 / 6)],
+)
+def test_scale_before_and_after_the_first_step_is_what_the_readme_says(variant, before, after):
+    w = torch.nn.Parameter(torch.randn(5))
+    opt = mechanize(torch.optim.Adam, variant=variant)([w], lr=1e-3)
+    assert opt.mechanic_scale.item() == pytest.approx(before, rel=1e-6)
+    w.grad = torch.randn(5)
+    opt.step()
+    assert opt.mechanic_scale.item() == pytest.approx(after, rel=1e-5)
