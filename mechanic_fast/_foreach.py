@@ -92,11 +92,32 @@ def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
 
 def gather(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """A 1-D tensor holding the elements of `tensors` in order, new or written into `out` (one op;
-    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones)."""
+    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones).
+
+    Under torch.compile it is one opaque op (`mechanic_fast::gather`): traced as `_chunk_cat`, inductor
+    would lower and fuse a node per tensor, so compile time would grow with the number of tensors."""
+    if torch.compiler.is_compiling():
+        return _gather_op(list(tensors))
     parts = [t if t.dim() else t.view(1) for t in tensors]
     if out is None:
         return torch._chunk_cat(parts, 0, 1).view(-1)
     return torch._chunk_cat(parts, 0, 1, out=out.view(1, -1)).view(-1)
+
+
+@torch.library.custom_op("mechanic_fast::gather", mutates_args=())
+def _gather_op(tensors: List[Tensor]) -> Tensor:
+    return torch._chunk_cat([t if t.dim() else t.view(1) for t in tensors], 0, 1).view(-1)
+
+
+@_gather_op.register_fake
+def _(tensors: List[Tensor]) -> Tensor:
+    return tensors[0].new_empty(sum(t.numel() for t in tensors))
+
+
+@torch.library.custom_op("mechanic_fast::scatter_", mutates_args=("tensors",))
+def _scatter_op(source: Tensor, tensors: List[Tensor]) -> None:
+    parts = torch.split(source, [t.numel() for t in tensors])
+    torch._foreach_copy_(list(tensors), [p.view(t.shape) for p, t in zip(parts, tensors)])
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
@@ -142,7 +163,8 @@ def _param_views(tensors: Sequence[Tensor]) -> TensorList:
 
 
 def scatter(source: Tensor, tensors: Sequence[Tensor]) -> None:
-    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy)."""
+    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy; one opaque
+    op under torch.compile, see `gather`)."""
     if all(t.is_contiguous() for t in tensors):
         torch._foreach_copy_(_param_views(tensors), torch.split(source, [t.numel() for t in tensors]))
     else:
