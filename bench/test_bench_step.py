@@ -24,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("shapes", sorted(SHAPES))
 def test_step(benchmark, shapes, impl):
     if impl.endswith("compiled") and len(SHAPES[shapes]) > MAX_COMPILED_TENSORS:
-        pytest.skip("inductor's fusion pass takes minutes over this many tensors")
+        pytest.skip("compiling over this many tensors takes minutes")
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[shapes]]
     grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES[shapes]]
