@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _foreach
-from ._foreach import FlatCopy, Workspace, _buffer
+from ._foreach import FlatCopy, Workspace, workspace_buffer
 from .kernels import inner_products as kernels
 
 TL_DTYPES = {
@@ -121,7 +121,7 @@ def inner_products(
     numels = [t.numel() for t in like]
     copy = None  # written by the kernel
     if copy_x and x is not None:
-        copy = FlatCopy(x, _buffer(workspace, "x_t", (sum(numels),), x[0]))
+        copy = FlatCopy(x, workspace_buffer(workspace, "x_t", (sum(numels),), x[0]))
     blocks = _blocks(numels, device)
     table = _table(
         [

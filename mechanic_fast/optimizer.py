@@ -279,11 +279,7 @@ class Mechanic(torch.optim.Optimizer):
         (so a step does O(1) Python work per tensor: one list of gradients); they are re-made when
         parameters come or go, when state is created or loaded, and always for sharded (DTensor)
         parameters, whose local tensors FSDP may swap."""
-        key = (
-            (tuple(map(id, params)), tuple(p in maximize for p in params))
-            if maximize
-            else tuple(map(id, params))
-        )
+        key = (tuple(map(id, params)), tuple(p in maximize for p in params))
         layout = self._mechanic_layout
         if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
             return [grp._replace(grads=_local_1d([grads[i] for i in grp.index])) for grp in layout[1]]
@@ -294,8 +290,8 @@ class Mechanic(torch.optim.Optimizer):
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p)
-            key_ = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
-            buckets.setdefault(key_, []).append(i)
+            bucket = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
+            buckets.setdefault(bucket, []).append(i)
         groups = []
         for (reduce_over, device, _, maximizes), idx in buckets.items():
             ps = [params[i] for i in idx]
