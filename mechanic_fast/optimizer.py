@@ -416,6 +416,10 @@ class Mechanic(torch.optim.Optimizer):
         params, grads, maximize = self._mechanic_gather()
         if not params:
             return self._mechanic_base_step(closure, loss)
+        if torch.compiler.is_compiling() and any(_state.X_REF not in self.state.get(p, ()) for p in params):
+            # A step that creates state runs eagerly: traced, it would be compiled once more (and its
+            # state-creating graph recompiled), which over 200 tensors costs minutes.
+            return self._mechanic_eager_step(closure, loss)
 
         entry = self._mechanic_tuner_entry()
         cfg = self._mechanic_run_config()
@@ -453,6 +457,21 @@ class Mechanic(torch.optim.Optimizer):
         if cfg.log_every > 0:
             self._mechanic_log(entry)
         return loss if closure is not None else result
+
+    @torch._dynamo.disable
+    def _mechanic_eager_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
+        """`step` run eagerly (the closure, if any, was evaluated already: its loss is handed back)."""
+        if closure is None:
+            return Mechanic.step(self)
+        calls = 0
+
+        def closure_once() -> Any:
+            nonlocal calls
+            calls += 1
+            return loss if calls == 1 else closure()
+
+        Mechanic.step(self, closure_once)
+        return loss
 
     @torch._dynamo.disable
     def _mechanic_log(self, entry: Dict[str, Any]) -> None:
