@@ -145,8 +145,7 @@ def _param_views(tensors: Sequence[Tensor]) -> TensorList:
 
 
 def scatter(source: Tensor, tensors: Sequence[Tensor]) -> None:
-    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy; one opaque
-    op under torch.compile, see `gather`)."""
+    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy)."""
     if all(t.is_contiguous() for t in tensors):
         torch._foreach_copy_(_param_views(tensors), torch.split(source, [t.numel() for t in tensors]))
     else:

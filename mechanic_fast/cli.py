@@ -45,7 +45,6 @@ BASES = {
     "adamw": Base("AdamW", torch.optim.AdamW, dict(weight_decay=0.0), 1e-3),
     "sgd": Base("SGD", torch.optim.SGD, dict(momentum=0.9), 0.03),
 }
-BASELINE_LR = BASES["adamw"].tuned_lr
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -223,16 +223,8 @@ class Mechanic(torch.optim.Optimizer):
     ) -> Any:
         if closure is None:
             return func(self)
-        calls = 0
-
-        # The closure was evaluated once already for Mechanic's inner products; hand that loss back on
-        # the base's first call instead of doubling the gradients, and re-evaluate after.
-        def closure_once() -> Any:
-            nonlocal calls
-            calls += 1
-            return loss if calls == 1 else closure()
-
-        return func(self, closure_once)
+        # The closure was evaluated once already for Mechanic's inner products: no doubled gradients.
+        return func(self, _evaluated_once(closure, loss))
 
     def _mechanic_refs(self, params: List[Tensor]) -> Tuple[Dict[Tensor, Dict[str, Tensor]], bool]:
         """x_ref (and Delta) of `params`, and whether they are new and must be committed to `state`.
@@ -284,8 +276,11 @@ class Mechanic(torch.optim.Optimizer):
         if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
             return [grp._replace(grads=_local_1d([grads[i] for i in grp.index])) for grp in layout[1]]
         store_delta = self._mechanic_run_cfg.store_delta
-        # buffers outlive a re-made layout (a parameter added): kept per group kind, dtype and device
-        workspaces = {} if layout is None else {_workspace_key(g): g.workspace for g in layout[1]}
+        workspaces = {}
+        if layout is not None:
+            workspaces = {
+                _workspace_key(g.impl, g.reduce_over, g.maximize, g.params[0]): g.workspace for g in layout[1]
+            }
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
@@ -297,7 +292,6 @@ class Mechanic(torch.optim.Optimizer):
             ps = [params[i] for i in idx]
             impl = _backend.select(self._mechanic_config.backend, device)
             local = _local_1d(ps)
-            kind = (impl, reduce_over, maximizes, local[0].dtype, device)
             groups.append(
                 _Group(
                     local,
@@ -307,7 +301,9 @@ class Mechanic(torch.optim.Optimizer):
                     impl,
                     reduce_over,
                     maximizes,
-                    workspaces.get(kind, _foreach.Workspace()),
+                    workspaces.get(
+                        _workspace_key(impl, reduce_over, maximizes, local[0]), _foreach.Workspace()
+                    ),
                     idx,
                 )
             )
@@ -463,14 +459,7 @@ class Mechanic(torch.optim.Optimizer):
         """`step` run eagerly (the closure, if any, was evaluated already: its loss is handed back)."""
         if closure is None:
             return Mechanic.step(self)
-        calls = 0
-
-        def closure_once() -> Any:
-            nonlocal calls
-            calls += 1
-            return loss if calls == 1 else closure()
-
-        Mechanic.step(self, closure_once)
+        Mechanic.step(self, _evaluated_once(closure, loss))
         return loss
 
     @torch._dynamo.disable
@@ -540,8 +529,24 @@ def _check_group(cfg: MechanicConfig, group: Dict[str, Any]) -> None:
         )
 
 
-def _workspace_key(grp: _Group) -> Tuple[Any, ...]:
-    return (grp.impl, grp.reduce_over, grp.maximize, grp.params[0].dtype, grp.params[0].device)
+def _evaluated_once(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
+    """`closure` for a step whose closure was evaluated already: the first call hands `loss` back
+    instead of evaluating (and accumulating gradients) again; later calls evaluate."""
+    calls = 0
+
+    def closure_once() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return closure_once
+
+
+def _workspace_key(
+    impl: ModuleType, reduce_over: Tuple[Any, ...], maximize: bool, like: Tensor
+) -> Tuple[Any, ...]:
+    """Which workspace a group uses: buffers outlive a re-made layout (e.g. a parameter added)."""
+    return (impl, reduce_over, maximize, like.dtype, like.device)
 
 
 def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
