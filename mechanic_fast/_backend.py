@@ -1,4 +1,5 @@
-"""The one dispatch point between the O(d) implementations: foreach (any device) and Triton."""
+"""The one dispatch point between the O(d) implementations: flat-buffer foreach (eager, any device),
+per-tensor (what torch.compile traces) and Triton (eager, CUDA)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from . import _foreach
+from . import _foreach, _pertensor
 
 
 def triton_importable() -> bool:
@@ -27,11 +28,11 @@ def triton_runnable(device: torch.device) -> bool:
 
 def select(name: str, device: torch.device) -> ModuleType:
     """Resolve a backend name for tensors on `device`. An explicit "triton" never falls back to foreach
-    in eager mode; while torch.compile traces the step, the foreach code is what it should see (inductor
+    in eager mode; while torch.compile traces the step, the per-tensor code is what it should see (inductor
     fuses it into its own kernels, and the Triton launcher's host-built pointer tables cannot be traced
     or captured in a CUDA graph)."""
     if torch.compiler.is_compiling():
-        return _foreach
+        return _pertensor
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_importable() else "foreach"
     if name == "foreach":

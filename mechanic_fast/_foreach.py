@@ -1,18 +1,20 @@
-"""Mechanic's O(d) work with multi-tensor torch ops, on any device.
+"""Mechanic's O(d) work in eager mode with multi-tensor torch ops, on any device.
 
-A step gathers each list of tensors into one flat buffer with a single `torch._chunk_cat` (the x_t copy
-is such a buffer), does all arithmetic on flat buffers (one kernel per op, whatever the number of
-tensors; the inner products are BLAS dots), and scatters the new parameters back with one
-`torch._foreach_copy_`. Lists that already tile one flat buffer in order (x_ref and Delta, which the
-optimizer allocates that way) are used in place, without a gather. So the number of dispatched ops is
-constant in the number of tensors, and so, on CPU, is the number of kernels.
+Where a multi-tensor op is a loop over tensors (on CPU, about 1.5 us per tensor per op), passes over one
+flat buffer are cheaper: a step gathers g and x_t into a flat workspace with one `torch._chunk_cat`
+(the x_t copy is its second row), takes the inner products with BLAS on the flat rows, and forms the
+update in the x_t row: w = x_t - x_base (one multi-tensor op), Delta += -w and x_t <- x_ref + S * Delta
+on flat buffers, copied back with one `torch._foreach_copy_`. Lists that already tile one flat buffer in
+order (x_ref and Delta, which the optimizer allocates that way) are used in place, without a gather. So
+the number of dispatched ops is constant in the number of tensors.
 
-`mechanic_fast._triton` implements the same two functions with Triton kernels.
+`mechanic_fast._pertensor` implements the same two functions tensor by tensor (what torch.compile
+traces), `mechanic_fast._triton` with Triton kernels.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,12 +37,13 @@ class Workspace:
 
     Allocating them fresh every step costs more than filling them on CPU, where a large new buffer is
     page-faulted in as it is first written. What it holds: g and x_t gathered side by side (2 x d
-    elements in the parameters' dtype), kept between steps; the update is written over g, which is dead
-    by then. Not used while torch.compile traces (inductor plans its own buffers)."""
+    elements in the parameters' dtype), kept between steps; the gradient row is scratch for the update
+    once the sums are taken. Not used while torch.compile traces (inductor plans its own buffers)."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}
         self.rows: Optional[Tuple[Tensor, ...]] = None
+        self.views: Optional[Tuple[Tuple[Any, ...], TensorList]] = None
 
     def get(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
         buf = self.buffers.get(name)
@@ -57,6 +60,14 @@ class Workspace:
             self.rows = tuple(both.unbind())
         grad_row, x_row = self.rows
         return grad_row if x_t.data_ptr() == x_row.data_ptr() and x_t.shape == x_row.shape else None
+
+    def shaped(self, flat: Tensor, like: Sequence[Tensor]) -> TensorList:
+        """`flat` split into views shaped as `like` (made once while `flat` and the shapes stay)."""
+        shapes = tuple(t.shape for t in like)
+        key = (flat.data_ptr(), flat.dtype, shapes)
+        if self.views is None or self.views[0] != key:
+            self.views = (key, _split(flat, like))
+        return self.views[1]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
@@ -130,29 +141,6 @@ def flat(tensors: TensorsOrCopy) -> Tensor:
     return view if view is not None else gather(tensors)
 
 
-def _param_views(tensors: Sequence[Tensor]) -> TensorList:
-    """1-D views of (contiguous) parameters, cached across steps and re-made when storage changes."""
-    if torch.compiler.is_compiling():
-        return [t.view(-1) for t in tensors]
-    views = []
-    for t in tensors:  # the view lives on the tensor itself (no registry to leak or to compare keys in)
-        v = getattr(t, "_mechanic_flat_view", None)
-        if v is None or v.data_ptr() != t.data_ptr() or v.numel() != t.numel():
-            v = t.view(-1)
-            t._mechanic_flat_view = v
-        views.append(v)
-    return views
-
-
-def scatter(source: Tensor, tensors: Sequence[Tensor]) -> None:
-    """Copy the 1-D `source` into `tensors` in order (one split and one multi-tensor copy)."""
-    if all(t.is_contiguous() for t in tensors):
-        torch._foreach_copy_(_param_views(tensors), torch.split(source, [t.numel() for t in tensors]))
-    else:
-        parts = torch.split(source, [t.numel() for t in tensors])
-        torch._foreach_copy_(list(tensors), [p.view(t.shape) for p, t in zip(parts, tensors)])
-
-
 def inner_products(
     d: TensorsOrCopy,
     d_ref: Optional[Sequence[Tensor]],
@@ -183,10 +171,10 @@ def inner_products(
     sums: List[Optional[Tensor]] = [None] * 4
     if both is not None and x_sums:
         rows = both.to(acc_dtype)
-        # BLAS reads each matrix once (also under torch.compile: inductor's own 2-row reduction was 2x
-        # slower on the 4x1024x1024 benchmark)
+        # BLAS reads each row once: one mv for both dots with the direction, a dot per squared norm (the
+        # Gram matrix by mm took 2.2 ms on 4x1024x1024 where these two dots take 1.1 ms)
         sums[0], sums[1] = torch.mv(rows, direction).unbind()
-        sums[2], sums[3] = torch.mm(rows, rows.t()).diagonal().unbind()
+        sums[2], sums[3] = torch.dot(rows[0], rows[0]), torch.dot(rows[1], rows[1])
     else:
         if g is not None:
             g_flat = (both[0] if both is not None else flat(g)).to(acc_dtype)
@@ -214,26 +202,37 @@ def apply_update(
 
     u = x_base - x_t (``x_copy`` holds x_t). Delta is recomputed as (x_t - x_ref) / denom with
     denom = S_old + eps, or, when stored (``delta`` given), is advanced in place: delta += u.
-    The operations run in exactly this order (as in both reference implementations): x_t - x_ref is a
-    small difference of large numbers, so any other rounding order changes later inner products.
+    Each value is rounded as in both reference implementations (x_t - x_ref is a small difference of
+    large numbers, so any other rounding order changes later inner products), but computed as
+    w = x_t - x_base = -u in place of x_t (one multi-tensor op, no gather of x_base; negation is exact),
+    and the new x is formed in x_t's buffer and copied out: four passes with Delta stored.
     ``x_copy`` is consumed (overwritten).
     """
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
-    spare = None if workspace is None or torch.compiler.is_compiling() else workspace.spare_row(x_t)
-    if spare is None:
-        spare = workspace_buffer(workspace, "update", tuple(x_t.shape), x_t)
-    u = gather(x, spare)
-    u.sub_(x_t)
+    eager = workspace is not None and not torch.compiler.is_compiling()
+    x_t_parts = workspace.shaped(x_t, x) if eager else _split(x_t, x)
     ref = flat(x_ref)
     if delta is None:
-        new = u.addcdiv_(x_t.sub_(ref), denom).mul_(scale)  # (Delta + u) * S, Delta = (x_t - x_ref) / denom
+        # d = x_t - x_ref into the spare gradient row; then w - d / denom = -(Delta + u), negated back exactly
+        spare = workspace.spare_row(x_t) if eager else None
+        if spare is None:
+            spare = workspace_buffer(workspace, "update", tuple(x_t.shape), x_t)
+        d = torch.sub(x_t, ref) if spare is None else torch.sub(x_t, ref, out=spare)
+        torch._foreach_sub_(x_t_parts, list(x))
+        new_neg = x_t.addcdiv_(d, denom, value=-1)  # -(Delta + u)
+        torch.addcmul(ref, new_neg, scale, value=-1, out=x_t)
     else:
+        torch._foreach_sub_(x_t_parts, list(x))  # w = -u
         stored = flat_view(delta)
         if stored is None:  # Delta not in one buffer: advance it tensor by tensor
-            parts = torch.split(u, [t.numel() for t in delta])
-            torch._foreach_add_(list(delta), [p.view_as(t) for p, t in zip(parts, delta)])
+            torch._foreach_sub_(list(delta), _split(x_t, delta))
             stored = gather(delta)
         else:
-            stored.add_(u)
-        new = torch.mul(stored, scale, out=u) if stored.dtype == u.dtype else stored.mul(scale)
-    scatter(new.add_(ref), x)
+            stored.sub_(x_t)  # Delta + u
+        torch.addcmul(ref, stored, scale, out=x_t)
+    torch._foreach_copy_(list(x), x_t_parts)
+
+
+def _split(source: Tensor, like: Sequence[Tensor]) -> TensorList:
+    """Views of the 1-D `source` shaped as the tensors of `like`, in order."""
+    return [p.view(t.shape) for p, t in zip(torch.split(source, [t.numel() for t in like]), like)]

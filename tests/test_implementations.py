@@ -1,0 +1,133 @@
+"""The O(d) implementations against float64 math and against each other: `_foreach` (flat buffers, eager;
+with its kept workspace and without) and `_pertensor` (what torch.compile traces; run eagerly here, and
+compiled in test_compile.py). Fresh random inputs per seed; a tiled and a scattered Delta; a parameter
+that is a non-contiguous view."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechanic_fast import _foreach, _pertensor
+
+SHAPES = [(1,), (7,), (33, 5), (300,)]
+
+
+def _impls():
+    return {
+        "foreach": (_foreach, lambda: None),
+        "foreach_workspace": (_foreach, _foreach.Workspace),
+        "pertensor": (_pertensor, lambda: None),
+    }
+
+
+def _tiled(tensors):
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return _foreach.Tiled([v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def _inputs(dtype, seed, non_contiguous=False):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda s: torch.randn(s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = [rand(s).to(dtype) for s in SHAPES]
+    if non_contiguous:  # a transposed parameter: its storage is not in the order of its elements
+        x[2] = rand((5, 33)).to(dtype).t()
+    g = [rand(s).to(dtype) for s in SHAPES]
+    ref = [(t.double() + 1e-2 * rand(t.shape)).to(dtype) for t in x]
+    delta = [1e-2 * rand(s).to(dtype) for s in SHAPES]
+    return x, g, ref, delta
+
+
+def _dot(a, b):
+    return sum((u.double() * v.double()).sum() for u, v in zip(a, b))
+
+
+def _run_inner_products(impl, workspace, d, d_ref, g, x, acc_dtype, x_sums):
+    lists = lambda ts: None if ts is None else (ts if isinstance(ts, _foreach.Tiled) else list(ts))  # noqa: E731
+    return impl.inner_products(
+        lists(d), lists(d_ref), lists(g), lists(x), acc_dtype=acc_dtype, x_sums=x_sums, copy_x=True,
+        workspace=workspace,
+    )
+
+
+@pytest.mark.parametrize("impl_name", sorted(_impls()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("store_delta", [True, False])
+@pytest.mark.parametrize("x_sums", [True, False])
+def test_inner_products_match_float64(impl_name, dtype, store_delta, x_sums, seed):
+    impl, make_workspace = _impls()[impl_name]
+    x, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d, d_ref = (_tiled(delta), None) if store_delta else (x, _tiled(ref))
+    sums, copy = _run_inner_products(impl, make_workspace(), d, d_ref, g, x, acc, x_sums)
+    direction = [a.double() - (0 if d_ref is None else b.double()) for a, b in zip(d, d_ref or d)]
+    expected = torch.stack(
+        [
+            _dot(direction, g),
+            _dot(direction, x) if x_sums else torch.tensor(0.0, dtype=torch.float64),
+            _dot(g, g),
+            _dot(x, x) if x_sums else torch.tensor(0.0, dtype=torch.float64),
+        ]
+    )
+    assert sums.dtype == acc
+    magnitude = _dot([t.abs() for t in x + g], [t.abs() for t in x + g]) + _dot(
+        [t.abs() for t in direction], [t.abs() for t in direction]
+    )
+    tolerance = (1e-12 if dtype == torch.float64 else 1e-5) * magnitude
+    assert ((sums.double() - expected).abs() <= tolerance).all(), (seed, sums, expected)
+    copied = torch.split(copy.flat, copy.numels) if isinstance(copy, _foreach.FlatCopy) else copy
+    assert all(torch.equal(c.reshape(t.shape), t) for c, t in zip(copied, x))  # an exact copy of x_t
+
+
+@pytest.mark.parametrize("impl_name", sorted(_impls()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("delta_layout", ["tiled", "scattered", "recomputed"])
+def test_apply_update_matches_float64(impl_name, dtype, delta_layout, seed):
+    """x = x_ref + S * (Delta + x_base - x_t), Delta advanced in place when stored."""
+    impl, make_workspace = _impls()[impl_name]
+    x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
+    workspace = make_workspace()
+    # the x_t copy as the implementation makes it (its workspace row, for the flat one)
+    _, copy = _run_inner_products(impl, workspace, x_t, None, g, x_t, torch.float64, True)
+    x_base = [t - 1e-3 * u for t, u in zip(x_t, g)]  # what a base step left in the parameters
+    params = [t.clone() for t in x_t]
+    params[2] = x_t[2].clone().t().contiguous().t()  # keep the transposed layout
+    for p, b in zip(params, x_base):
+        p.copy_(b)
+    scale = torch.tensor(0.37, dtype=dtype)
+    denom = torch.tensor(0.21, dtype=dtype)
+    stored = {"tiled": _tiled(delta), "scattered": [t.clone() for t in delta], "recomputed": None}[delta_layout]
+    impl.apply_update(params, copy, _tiled(ref), stored, scale, denom, workspace)
+
+    def f64(ts):
+        return [t.double() for t in ts]
+
+    if stored is None:
+        expected_delta = [(a - r) / denom.double() for a, r in zip(f64(x_t), f64(ref))]
+    else:
+        expected_delta = f64(delta)
+    expected_delta = [d + (b - a) for d, b, a in zip(expected_delta, f64(x_base), f64(x_t))]
+    expected = [r + scale.double() * d for r, d in zip(f64(ref), expected_delta)]
+    rtol = 1e-14 if dtype == torch.float64 else 1e-6
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.double(), e, rtol=rtol, atol=rtol * 1e-1)
+    if stored is not None:
+        for s, e in zip(stored, expected_delta):
+            torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
+
+
+@pytest.mark.parametrize("store_delta", [True, False])
+def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(store_delta, seed):
+    """Both round each value in the references' order, so in float64 they agree to the last bits (a fused
+    multiply-add may skip one rounding of the product: the bound allows a few ulps of the largest x)."""
+    results = []
+    for impl, workspace in ((_foreach, _foreach.Workspace()), (_pertensor, None)):
+        x_t, g, ref, delta = _inputs(torch.float64, seed)
+        _, copy = _run_inner_products(impl, workspace, x_t, None, g, x_t, torch.float64, True)
+        params = [(t - 1e-3 * u) for t, u in zip(x_t, g)]
+        stored = _tiled(delta) if store_delta else None
+        impl.apply_update(params, copy, _tiled(ref), stored, torch.tensor(0.37, dtype=torch.float64),
+                          torch.tensor(0.21, dtype=torch.float64), workspace)
+        results.append(params)
+    for a, b in zip(*results):
+        assert ((a - b).abs() <= 4 * torch.finfo(torch.float64).eps * a.abs().max()).all()
