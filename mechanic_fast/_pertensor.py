@@ -5,9 +5,8 @@ ops are loops over tensors). Traced, flat buffers cost: gathers become copies, B
 inputs materialised, and inductor cannot fuse across them. Written per tensor instead, inductor makes one
 reduction pass per tensor over g, x and Delta for the four inner products, and fuses the update
 (Delta += u; x = x_ref + S * Delta) into the pointwise kernel that already computes the base optimizer's
-step, so x_t needs no copy of its own when the whole step is one graph. Only multi-tensor ops are used where
-one exists (the per-tensor sums are the exception: torch has no multi-tensor dot product), so the traced
-graph stays small.
+step. Multi-tensor ops are used where one exists, so that the traced graph stays small; the sums are
+the exception (torch has no multi-tensor dot product, and `_foreach_norm` is not lowered by inductor).
 """
 
 from __future__ import annotations
@@ -30,13 +29,10 @@ def _tensors(tensors: TensorsOrCopy) -> TensorList:
 
 
 def _dots(a: TensorList, b: TensorList, acc_dtype: torch.dtype) -> Tensor:
-    """sum_i <a_i, b_i> accumulated in `acc_dtype`.
-
-    Plain per-tensor ops, not multi-tensor ones: inductor realises the outputs of a multi-tensor op as
-    buffers (nodes for its scheduler to fuse, which grows faster than linearly with their number), while
-    a plain product is inlined into its sum. Inductor then fuses a tensor's sums into one pass over it.
-    (`_foreach_norm` is no help: inductor does not lower it, so it runs as the eager kernel, one more pass
-    per list; stacking a tensor's products for one reduction made the 4x1024x1024 step 6x slower.)"""
+    """sum_i <a_i, b_i> accumulated in `acc_dtype`: a product inlined into its sum per tensor, which
+    inductor fuses with the tensor's other sums into one pass over it. (`_foreach_norm` for the squared
+    norms ran as its eager kernel, one more pass per list: compiled 4x1024x1024 step 7.1 ms against 5.2;
+    stacking a tensor's products for one reduction made it 30 ms.)"""
     return torch.stack([(p.to(acc_dtype) * q.to(acc_dtype)).sum() for p, q in zip(a, b)]).sum()
 
 

@@ -23,7 +23,8 @@ def _impls():
 
 def _tiled(tensors):
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    return _foreach.Tiled([v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    views = flat.split([t.numel() for t in tensors])
+    return _foreach.Tiled([v.view(t.shape) for v, t in zip(views, tensors)])
 
 
 def _inputs(dtype, seed, non_contiguous=False):
@@ -45,7 +46,13 @@ def _dot(a, b):
 def _run_inner_products(impl, workspace, d, d_ref, g, x, acc_dtype, x_sums):
     lists = lambda ts: None if ts is None else (ts if isinstance(ts, _foreach.Tiled) else list(ts))  # noqa: E731
     return impl.inner_products(
-        lists(d), lists(d_ref), lists(g), lists(x), acc_dtype=acc_dtype, x_sums=x_sums, copy_x=True,
+        lists(d),
+        lists(d_ref),
+        lists(g),
+        lists(x),
+        acc_dtype=acc_dtype,
+        x_sums=x_sums,
+        copy_x=True,
         workspace=workspace,
     )
 
@@ -96,7 +103,8 @@ def test_apply_update_matches_float64(impl_name, dtype, delta_layout, seed):
         p.copy_(b)
     scale = torch.tensor(0.37, dtype=dtype)
     denom = torch.tensor(0.21, dtype=dtype)
-    stored = {"tiled": _tiled(delta), "scattered": [t.clone() for t in delta], "recomputed": None}[delta_layout]
+    stored = {"tiled": _tiled(delta), "scattered": [t.clone() for t in delta], "recomputed": None}
+    stored = stored[delta_layout]
     impl.apply_update(params, copy, _tiled(ref), stored, scale, denom, workspace)
 
     def f64(ts):
@@ -126,8 +134,15 @@ def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(store_delta, se
         _, copy = _run_inner_products(impl, workspace, x_t, None, g, x_t, torch.float64, True)
         params = [(t - 1e-3 * u) for t, u in zip(x_t, g)]
         stored = _tiled(delta) if store_delta else None
-        impl.apply_update(params, copy, _tiled(ref), stored, torch.tensor(0.37, dtype=torch.float64),
-                          torch.tensor(0.21, dtype=torch.float64), workspace)
+        impl.apply_update(
+            params,
+            copy,
+            _tiled(ref),
+            stored,
+            torch.tensor(0.37, dtype=torch.float64),
+            torch.tensor(0.21, dtype=torch.float64),
+            workspace,
+        )
         results.append(params)
     for a, b in zip(*results):
         assert ((a - b).abs() <= 4 * torch.finfo(torch.float64).eps * a.abs().max()).all()
