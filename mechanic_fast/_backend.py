@@ -49,3 +49,10 @@ def select(name: str, device: torch.device) -> ModuleType:
     from . import _triton
 
     return _triton
+
+
+def current(impl: ModuleType) -> ModuleType:
+    """The implementation to call now: `impl` (chosen by `select` when the step's groups were made), or the
+    per-tensor one while torch.compile traces. Groups made eagerly can be called inside a compiled function
+    (`compile=True` compiles Mechanic's pre- and post-step work, not the code that makes the groups)."""
+    return _pertensor if torch.compiler.is_compiling() else impl

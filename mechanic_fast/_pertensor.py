@@ -11,14 +11,12 @@ the exception (torch has no multi-tensor dot product, and `_foreach_norm` is not
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._foreach import FlatCopy, TensorsOrCopy, Workspace
-
-TensorList = List[Tensor]
+from ._foreach import FlatCopy, TensorList, TensorsOrCopy, Workspace
 
 
 def _tensors(tensors: TensorsOrCopy) -> TensorList:

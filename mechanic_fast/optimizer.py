@@ -330,7 +330,7 @@ class Mechanic(torch.optim.Optimizer):
         cfg = self._mechanic_run_cfg  # set by step (a plain attribute read when compiled)
         parts, copies = [], []
         for grp in groups:
-            sums, copy = grp.impl.inner_products(
+            sums, copy = _backend.current(grp.impl).inner_products(
                 grp.deltas if cfg.store_delta else grp.params,
                 None if cfg.store_delta else grp.refs,
                 grp.grads,
@@ -360,7 +360,7 @@ class Mechanic(torch.optim.Optimizer):
         if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
             parts = []
             for grp, copy in zip(groups, copies):
-                post, _ = grp.impl.inner_products(
+                post, _ = _backend.current(grp.impl).inner_products(
                     grp.deltas if cfg.store_delta else copy,
                     None if cfg.store_delta else grp.refs,
                     None,
@@ -372,7 +372,7 @@ class Mechanic(torch.optim.Optimizer):
         new, scale, denom = tuner.step(old, sums, const, cfg)
         for grp, copy in zip(groups, copies):
             device = grp.params[0].device
-            grp.impl.apply_update(
+            _backend.current(grp.impl).apply_update(
                 grp.params,
                 copy,
                 grp.refs,

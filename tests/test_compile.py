@@ -113,3 +113,24 @@ def test_compiled_step_traces_the_foreach_code_even_with_backend_triton():
     torch.testing.assert_close(comp_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
     for a, b in zip(comp, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["compile(opt.step)", "compile=True"])
+def test_both_compiled_forms_trace_the_per_tensor_code(whole, monkeypatch):
+    """Inductor gets the per-tensor code in both forms: with compile=True the step's groups are made
+    eagerly (choosing the flat implementation) and called inside the compiled pre- and post-step work."""
+    from mechanic_fast import _pertensor
+
+    traced = []
+    for name in ("inner_products", "apply_update"):
+        original = getattr(_pertensor, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            if torch.compiler.is_compiling():
+                traced.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_pertensor, name, spy)
+    factory = lambda ps: mechanize(torch.optim.AdamW, compile=not whole)(ps, lr=1e-3)  # noqa: E731
+    _train(factory, compile_whole=whole, steps=3)
+    assert {"inner_products", "apply_update"} <= set(traced), traced
