@@ -190,6 +190,9 @@ def measure(
     """All implementations for one (device, dtype, shape set), side by side: the timed steps of the
     implementations are interleaved round by round, so that drift of the machine hits all alike."""
     warmup, repeats = (2, 5) if quick else (5, 25)
+    # Every compiled step traces the same code objects (AdamW.step, Mechanic.step): without a reset, the
+    # rows measured after dynamo's recompile limit (8 per code object) would silently run eagerly.
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     rows: List[Dict[str, Any]] = []

@@ -86,6 +86,34 @@ def test_inner_products_match_float64(impl_name, dtype, store_delta, x_sums, see
     assert all(torch.equal(c.reshape(t.shape), t) for c, t in zip(copied, x))  # an exact copy of x_t
 
 
+@pytest.mark.parametrize("with_workspace", [True, False])
+@pytest.mark.parametrize("chunk", [16, 1 << 18])
+@pytest.mark.parametrize(
+    "dtype, delta_dtype, acc",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.float32, torch.float32),  # ref_dtype="float32"
+        (torch.float16, torch.float16, torch.float32),
+        (torch.float32, torch.float32, torch.float64),  # a float32 group beside a float64 one
+    ],
+)
+def test_sums_converted_in_chunks_match_float64(monkeypatch, with_workspace, chunk, dtype, delta_dtype, acc, seed):
+    """Parameters below the accumulation dtype are converted chunk by chunk (16 elements: 30 chunks, the
+    last one partial); sums in `acc` as if converted whole."""
+    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
+    x, g, _, delta = _inputs(dtype, seed, non_contiguous=True)
+    delta = _tiled([t.to(delta_dtype) for t in delta])
+    workspace = _foreach.Workspace() if with_workspace else None
+    for _ in range(2):  # the second call reuses the workspace's scratch
+        sums, _ = _run_inner_products(_foreach, workspace, delta, None, g, x, acc, True)
+    expected = torch.stack([_dot(delta, g), _dot(delta, x), _dot(g, g), _dot(x, x)])
+    assert sums.dtype == acc
+    magnitude = _dot([t.abs() for t in x + g + list(delta)], [t.abs() for t in x + g + list(delta)])
+    assert ((sums.double() - expected).abs() <= 1e-5 * magnitude).all(), (seed, sums, expected)
+    if with_workspace:
+        assert workspace.buffers["acc_scratch"].shape == (3, min(chunk, sum(t.numel() for t in x)))
+
+
 @pytest.mark.parametrize("impl_name", sorted(_impls()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("delta_layout", ["tiled", "scattered", "recomputed"])
