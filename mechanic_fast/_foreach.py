@@ -184,10 +184,10 @@ def inner_products(
             sums[1], sums[3] = dots[1], norms[1]
     else:
         if g is not None:
-            dots, norms = _row_sums(flat(g).unsqueeze(0), d_flat, acc_dtype, workspace)
+            dots, norms = _row_sums(flat(g), d_flat, acc_dtype, workspace)
             sums[0], sums[2] = dots[0], norms[0]
         if x_flat is not None and x_sums:
-            dots, norms = _row_sums(x_flat.unsqueeze(0), d_flat, acc_dtype, workspace)
+            dots, norms = _row_sums(x_flat, d_flat, acc_dtype, workspace)
             sums[1], sums[3] = dots[0], norms[0]
     if None in sums:
         zero = d_flat.new_zeros((), dtype=acc_dtype)
@@ -204,17 +204,18 @@ SUM_CHUNK = 1 << 18
 
 def _row_sums(
     rows: Tensor, d: Tensor, acc_dtype: torch.dtype, workspace: Optional[Workspace]
-) -> Tuple[Tensor, Tensor]:
-    """``(rows @ d, [||r||^2 for r in rows])`` in `acc_dtype` for a (k, n) `rows` and a 1-D `d`.
+) -> Tuple[Sequence[Tensor], Sequence[Tensor]]:
+    """``<r, d>`` and ``||r||^2`` (`acc_dtype`) for each row r of `rows` ((k, n), or 1-D for one row).
 
     In `acc_dtype` already, BLAS reads each row once: one mv for the dots with `d`, one dot per squared
     norm (the Gram matrix by mm took 2.2 ms on 4x1024x1024 where these take 1.1 ms). Otherwise (bfloat16
     or float16 parameters) chunks are converted into a small scratch buffer and reduced there."""
-    k, n = rows.shape
     if rows.dtype == acc_dtype and d.dtype == acc_dtype:
-        dots = torch.mv(rows, d) if k > 1 else torch.dot(rows[0], d).view(1)
-        norms = torch.stack([torch.dot(r, r) for r in rows.unbind()])
-        return dots, norms
+        if rows.dim() == 1:
+            return [torch.dot(rows, d)], [torch.dot(rows, rows)]
+        return torch.mv(rows, d).unbind(), [torch.dot(r, r) for r in rows.unbind()]
+    rows = rows.view(1, -1) if rows.dim() == 1 else rows
+    k, n = rows.shape
     width = min(n, SUM_CHUNK)
     scratch = workspace_buffer(workspace, "acc_scratch", (k + 1, width), rows, acc_dtype)
     if scratch is None:
@@ -229,7 +230,7 @@ def _row_sums(
         dots.addmv_(part[:k], part[k])
         for i in range(k):
             norms[i].add_(torch.dot(part[i], part[i]))
-    return dots, norms
+    return dots.unbind(), norms.unbind()
 
 
 def apply_update(

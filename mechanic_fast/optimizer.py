@@ -169,19 +169,24 @@ class Mechanic(torch.optim.Optimizer):
         return tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config).to(torch.float32)
 
     # ------------------------------------------------------------------------------------------ step
-    def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor], set]:
-        """Parameters that have a gradient, their gradients, and those of them in `maximize` groups;
-        refuses what Mechanic cannot handle before anything has changed."""
-        params, grads, seen, maximize = [], [], set(), set()
+    def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor], List[bool]]:
+        """Parameters that have a gradient, their gradients, and whether each is in a `maximize` group;
+        refuses what Mechanic cannot handle before anything has changed. (Runs every step over every
+        parameter: kept to attribute reads and one set per step, no hashing of tensors.)"""
+        params, grads, maximize, seen = [], [], [], set()
         for group in self.param_groups:
+            maximizes = bool(group.get("maximize", False))
             for p in group["params"]:
                 g = p.grad
                 # a parameter listed twice counts once; an empty one has nothing to tune; a frozen one
                 # (requires_grad=False, its gradient kept by zero_grad(set_to_none=False)) is left to
                 # the base, as if it had no gradient (else every change of S would move it)
-                if g is None or id(p) in seen or p.numel() == 0 or not p.requires_grad:
+                if g is None or not p.requires_grad:
                     continue
-                seen.add(id(p))
+                key = id(p)
+                if key in seen or p.numel() == 0:
+                    continue
+                seen.add(key)
                 if g.is_sparse:
                     raise RuntimeError(
                         "Mechanic does not support sparse gradients (inner products over them are not "
@@ -191,8 +196,7 @@ class Mechanic(torch.optim.Optimizer):
                     raise RuntimeError("Mechanic does not support complex parameters; nothing was changed")
                 params.append(p)
                 grads.append(g)
-                if group.get("maximize", False):
-                    maximize.add(p)
+                maximize.append(maximizes)
         return params, grads, maximize
 
     def _mechanic_lr_is_zero(self) -> bool:
@@ -233,7 +237,11 @@ class Mechanic(torch.optim.Optimizer):
         Mechanic state is laid out anew so that each device/dtype tiles one flat buffer (a one-time
         copy; later steps read the buffer without a gather)."""
         state = self.state
-        refs = {p: state[p] for p in params if p in state and _state.X_REF in state[p]}
+        refs = {}
+        for p in params:  # one lookup each (tensors hash in Python)
+            entry = state.get(p)
+            if entry is not None and _state.X_REF in entry:
+                refs[p] = entry
         if len(refs) == len(params):
             return refs, False
         known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.X_REF in s}
@@ -262,7 +270,7 @@ class Mechanic(torch.optim.Optimizer):
         params: List[Tensor],
         grads: List[Tensor],
         refs: Dict[Tensor, Dict[str, Tensor]],
-        maximize: set,
+        maximize: List[bool],
         new_refs: bool,
     ) -> List[_Group]:
         """Aligned lists of local tensors per reduction domain, device and dtype.
@@ -271,10 +279,14 @@ class Mechanic(torch.optim.Optimizer):
         (so a step does O(1) Python work per tensor: one list of gradients); they are re-made when
         parameters come or go, when state is created or loaded, and always for sharded (DTensor)
         parameters, whose local tensors FSDP may swap."""
-        key = (tuple(map(id, params)), tuple(p in maximize for p in params))
+        key = (tuple(map(id, params)), tuple(maximize))
         layout = self._mechanic_layout
         if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
-            return [grp._replace(grads=_local_1d([grads[i] for i in grp.index])) for grp in layout[1]]
+            # a cached layout has no sharded parameter: no local shard to take
+            return [
+                grp._replace(grads=[g if g.dim() else g.view(1) for g in map(grads.__getitem__, grp.index)])
+                for grp in layout[1]
+            ]
         store_delta = self._mechanic_run_cfg.store_delta
         workspaces = {}
         if layout is not None:
@@ -285,7 +297,7 @@ class Mechanic(torch.optim.Optimizer):
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p)
-            bucket = (_distributed.reduce_groups(p), local.device, local.dtype, p in maximize)
+            bucket = (_distributed.reduce_groups(p), local.device, local.dtype, maximize[i])
             buckets.setdefault(bucket, []).append(i)
         groups = []
         for (reduce_over, device, _, maximizes), idx in buckets.items():
