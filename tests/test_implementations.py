@@ -97,7 +97,9 @@ def test_inner_products_match_float64(impl_name, dtype, store_delta, x_sums, see
         (torch.float32, torch.float32, torch.float64),  # a float32 group beside a float64 one
     ],
 )
-def test_sums_converted_in_chunks_match_float64(monkeypatch, with_workspace, chunk, dtype, delta_dtype, acc, seed):
+def test_sums_converted_in_chunks_match_float64(
+    monkeypatch, with_workspace, chunk, dtype, delta_dtype, acc, seed
+):
     """Parameters below the accumulation dtype are converted chunk by chunk (16 elements: 30 chunks, the
     last one partial); sums in `acc` as if converted whole."""
     monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
