@@ -14,11 +14,21 @@ SHAPES = [(1,), (7,), (33, 5), (300,)]
 
 
 def _impls():
+    """name -> (module, workspace factory, PER_TENSOR_MIN_NUMEL): `_foreach` with few large tensors is
+    emulated by a threshold of 1 element (gradients reduced in place, x written tensor by tensor)."""
+    many_small = _foreach.PER_TENSOR_MIN_NUMEL
     return {
-        "foreach": (_foreach, lambda: None),
-        "foreach_workspace": (_foreach, _foreach.Workspace),
-        "pertensor": (_pertensor, lambda: None),
+        "foreach": (_foreach, lambda: None, many_small),
+        "foreach_workspace": (_foreach, _foreach.Workspace, many_small),
+        "foreach_per_tensor": (_foreach, _foreach.Workspace, 1),
+        "pertensor": (_pertensor, lambda: None, many_small),
     }
+
+
+def _impl(name, monkeypatch):
+    impl, make_workspace, threshold = _impls()[name]
+    monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", threshold)
+    return impl, make_workspace
 
 
 def _tiled(tensors):
@@ -61,8 +71,8 @@ def _run_inner_products(impl, workspace, d, d_ref, g, x, acc_dtype, x_sums):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("x_sums", [True, False])
-def test_inner_products_match_float64(impl_name, dtype, store_delta, x_sums, seed):
-    impl, make_workspace = _impls()[impl_name]
+def test_inner_products_match_float64(monkeypatch, impl_name, dtype, store_delta, x_sums, seed):
+    impl, make_workspace = _impl(impl_name, monkeypatch)
     x, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     d, d_ref = (_tiled(delta), None) if store_delta else (x, _tiled(ref))
@@ -119,9 +129,9 @@ def test_sums_converted_in_chunks_match_float64(
 @pytest.mark.parametrize("impl_name", sorted(_impls()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("delta_layout", ["tiled", "scattered", "recomputed"])
-def test_apply_update_matches_float64(impl_name, dtype, delta_layout, seed):
+def test_apply_update_matches_float64(monkeypatch, impl_name, dtype, delta_layout, seed):
     """x = x_ref + S * (Delta + x_base - x_t), Delta advanced in place when stored."""
-    impl, make_workspace = _impls()[impl_name]
+    impl, make_workspace = _impl(impl_name, monkeypatch)
     x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
     workspace = make_workspace()
     # the x_t copy as the implementation makes it (its workspace row, for the flat one)
@@ -154,10 +164,12 @@ def test_apply_update_matches_float64(impl_name, dtype, delta_layout, seed):
             torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
 
 
+@pytest.mark.parametrize("threshold", [_foreach.PER_TENSOR_MIN_NUMEL, 1])
 @pytest.mark.parametrize("store_delta", [True, False])
-def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(store_delta, seed):
+def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(monkeypatch, threshold, store_delta, seed):
     """Both round each value in the references' order, so in float64 they agree to the last bits (a fused
     multiply-add may skip one rounding of the product: the bound allows a few ulps of the largest x)."""
+    monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", threshold)
     results = []
     for impl, workspace in ((_foreach, _foreach.Workspace()), (_pertensor, None)):
         x_t, g, ref, delta = _inputs(torch.float64, seed)
