@@ -42,8 +42,10 @@ class Workspace:
 
     Allocating them fresh every step costs more than filling them on CPU, where a large new buffer is
     page-faulted in as it is first written. What it holds: g and x_t gathered side by side (2 x d
-    elements in the parameters' dtype), kept between steps; the gradient row is scratch for the update
-    once the sums are taken. Not used while torch.compile traces (inductor plans its own buffers)."""
+    elements in the parameters' dtype), the gradient row being scratch for the update once the sums are
+    taken; or, for few large tensors whose gradients are reduced in place, x_t alone (d elements; plus d
+    of update scratch with store_delta=False); and a float32 scratch of at most 3 x 2^18 elements for the
+    sums of bfloat16/float16 values. Not used while torch.compile traces (inductor plans its own buffers)."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}
@@ -187,16 +189,14 @@ def inner_products(
     g_in_place = g is not None and g[0].dtype == acc_dtype and flat_view(g) is None and few_large(g)
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     x_flat = None
-    if need_x and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
+    if need_x:
         numel = sum(t.numel() for t in x)
-        buffer = workspace_buffer(workspace, "g_x", (2, numel), x[0])  # its g row is the update's scratch
-        if g_in_place:
-            x_flat = gather(x, None if buffer is None else buffer[1])
-        else:
+        if not g_in_place and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
+            buffer = workspace_buffer(workspace, "g_x", (2, numel), x[0])  # its g row: the update's scratch
             both = gather(list(g) + list(x), buffer).view(2, -1)
             x_flat = both[1]
-    elif need_x:
-        x_flat = gather(x)  # a real copy: it is x_t
+        else:  # a real copy: it is x_t (kept in the workspace only if it is the step's x_t copy)
+            x_flat = gather(x, workspace_buffer(workspace, "x_t", (numel,), x[0]) if copy_x else None)
     d_flat = x_flat if d is x and x_flat is not None else flat(d)
     if d_ref is not None:
         d_flat = d_flat - flat(d_ref)
