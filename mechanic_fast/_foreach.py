@@ -161,9 +161,19 @@ def flat(tensors: TensorsOrCopy) -> Tensor:
 PER_TENSOR_MIN_NUMEL = 1 << 15
 
 
-def few_large(tensors: Sequence[Tensor]) -> bool:
-    """Whether `tensors` are few and large enough for tensor-by-tensor ops (see PER_TENSOR_MIN_NUMEL)."""
-    return sum(t.numel() for t in tensors) >= PER_TENSOR_MIN_NUMEL * len(tensors)
+def few_large(numel: int, count: int) -> bool:
+    """Whether `count` tensors of `numel` elements in all are few and large enough for tensor-by-tensor
+    ops (see PER_TENSOR_MIN_NUMEL)."""
+    return numel >= PER_TENSOR_MIN_NUMEL * count
+
+
+def _total_numel(tensors: Sequence[Tensor], *aligned: Any) -> int:
+    """Elements in `tensors`, read off an aligned list that tiles one buffer (x_ref, Delta, the x_t copy)
+    where there is one: a sum over every tensor is Python work per tensor at every step."""
+    for other in aligned:
+        if isinstance(other, (Tiled, FlatCopy)) and other.flat is not None:
+            return other.flat.numel()
+    return sum(t.numel() for t in tensors)
 
 
 def inner_products(
@@ -186,11 +196,14 @@ def inner_products(
     need_x = x is not None and (copy_x or x_sums)
     # Few large gradients in the accumulation dtype are reduced where they are, tensor by tensor: a
     # gather would write them once more only for BLAS to read them as one matrix with x.
-    g_in_place = g is not None and g[0].dtype == acc_dtype and flat_view(g) is None and few_large(g)
+    aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
+    numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
+    g_in_place = (
+        g is not None and g[0].dtype == acc_dtype and flat_view(g) is None and few_large(numel, len(g))
+    )
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     x_flat = None
     if need_x:
-        numel = sum(t.numel() for t in x)
         if not g_in_place and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
             buffer = workspace_buffer(workspace, "g_x", (2, numel), x[0])  # its g row: the update's scratch
             both = gather(list(g) + list(x), buffer).view(2, -1)
@@ -320,7 +333,7 @@ def _write_x(
     value: int,
 ) -> None:
     """x = x_ref + value * scale * step, rounded as one addcmul; `x_t` is free scratch."""
-    if few_large(x):
+    if few_large(x_t.numel(), len(x)):
         for x_i, ref_i, step_i in zip(x, ref_parts, step_parts):
             torch.addcmul(ref_i, step_i, scale, value=value, out=x_i)
     else:
