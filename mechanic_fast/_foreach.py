@@ -157,14 +157,19 @@ def flat(tensors: TensorsOrCopy) -> Tensor:
 
 
 # Mean elements per tensor from which a tensor-by-tensor op (one per tensor) beats one more pass over a
-# flat buffer: an op costs ~1.5 us per tensor on CPU, a pass over 2^15 float32 elements ~10 us.
+# flat buffer: on CPU an op costs ~1.5 us per tensor, a pass over 2^15 float32 elements ~10 us (measured).
+# On an accelerator a kernel launch (~5 us) costs what a pass over millions of elements does (an estimate
+# from its bandwidth, not measured here: no GPU was lent), so there the flat form is kept for all but
+# very large tensors.
 PER_TENSOR_MIN_NUMEL = 1 << 15
+PER_TENSOR_MIN_NUMEL_ACCELERATOR = 1 << 22
 
 
-def few_large(numel: int, count: int) -> bool:
-    """Whether `count` tensors of `numel` elements in all are few and large enough for tensor-by-tensor
-    ops (see PER_TENSOR_MIN_NUMEL)."""
-    return numel >= PER_TENSOR_MIN_NUMEL * count
+def few_large(numel: int, count: int, device: torch.device) -> bool:
+    """Whether `count` tensors of `numel` elements in all, on `device`, are few and large enough for
+    tensor-by-tensor ops (see PER_TENSOR_MIN_NUMEL)."""
+    threshold = PER_TENSOR_MIN_NUMEL if device.type == "cpu" else PER_TENSOR_MIN_NUMEL_ACCELERATOR
+    return numel >= threshold * count
 
 
 def _total_numel(tensors: Sequence[Tensor], *aligned: Any) -> int:
@@ -199,7 +204,10 @@ def inner_products(
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     g_in_place = (
-        g is not None and g[0].dtype == acc_dtype and flat_view(g) is None and few_large(numel, len(g))
+        g is not None
+        and g[0].dtype == acc_dtype
+        and flat_view(g) is None
+        and few_large(numel, len(g), g[0].device)
     )
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     x_flat = None
@@ -239,9 +247,11 @@ def inner_products(
     return torch.stack(sums), copy
 
 
-# Elements per chunk where the sums convert to the accumulation dtype: 3 x 2^18 float32 scratch (3 MiB),
-# within cache, against three fresh full-size float32 copies (page-faulted in on CPU: a bfloat16 step over
-# 4 x 1024 x 1024 spent 11.5 ms converting and reducing whole rows, 2.9 ms in chunks of this size).
+# Elements per chunk where the sums convert to the accumulation dtype on CPU: 3 x 2^18 float32 scratch
+# (3 MiB), within cache, against three fresh full-size float32 copies (page-faulted in on CPU: a bfloat16
+# step over 4 x 1024 x 1024 spent 11.5 ms converting and reducing whole rows, 2.9 ms in chunks of this
+# size). On an accelerator one chunk of fresh memory: its caching allocator hands the same blocks back
+# every step, and a loop of chunks would cost kernel launches.
 SUM_CHUNK = 1 << 18
 
 
@@ -252,15 +262,17 @@ def _row_sums(
 
     In `acc_dtype` already, BLAS reads each row once: one mv for the dots with `d`, one dot per squared
     norm (the Gram matrix by mm took 2.2 ms on 4x1024x1024 where these take 1.1 ms). Otherwise (bfloat16
-    or float16 parameters) chunks are converted into a small scratch buffer and reduced there."""
+    or float16 parameters) chunks are converted into a small scratch buffer and reduced there (on CPU;
+    elsewhere the whole rows at once, see SUM_CHUNK)."""
     if rows.dtype == acc_dtype and d.dtype == acc_dtype:
         if rows.dim() == 1:
             return [torch.dot(rows, d)], [torch.dot(rows, rows)]
         return torch.mv(rows, d).unbind(), [torch.dot(r, r) for r in rows.unbind()]
     rows = rows.view(1, -1) if rows.dim() == 1 else rows
     k, n = rows.shape
-    width = min(n, SUM_CHUNK)
-    scratch = workspace_buffer(workspace, "acc_scratch", (k + 1, width), rows, acc_dtype)
+    on_cpu = rows.device.type == "cpu"
+    width = min(n, SUM_CHUNK) if on_cpu else n
+    scratch = workspace_buffer(workspace, "acc_scratch", (k + 1, width), rows, acc_dtype) if on_cpu else None
     if scratch is None:
         scratch = rows.new_empty((k + 1, width), dtype=acc_dtype)
     dots = scratch.new_zeros(k)
@@ -333,7 +345,7 @@ def _write_x(
     value: int,
 ) -> None:
     """x = x_ref + value * scale * step, rounded as one addcmul; `x_t` is free scratch."""
-    if few_large(x_t.numel(), len(x)):
+    if few_large(x_t.numel(), len(x), x_t.device):
         for x_i, ref_i, step_i in zip(x, ref_parts, step_parts):
             torch.addcmul(ref_i, step_i, scale, value=value, out=x_i)
     else:
