@@ -5,8 +5,9 @@
 
 1. the test suite with CUDA present: the CUDA-only tests (Triton kernels compiled for real, `auto`
    picking Triton, CUDA graphs with a capturable base) run instead of skipping;
-2. the Triton backend, compiled (not the interpreter), against the foreach backend on CUDA, over many
-   shapes and dtypes and both variants: parameters and scale after 20 steps;
+2. the Triton backend, compiled (not the interpreter), and the foreach backend's tensor-by-tensor form,
+   against the foreach backend on CUDA, over many shapes and dtypes and both variants: parameters and
+   scale after 20 steps;
 3. a whole mechanized step captured in a CUDA graph and replayed, against the eager run;
 4. the benchmark sweep on cuda (JSON, markdown and PNG into --out-dir), with the Triton rows.
 
@@ -23,7 +24,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from mechanic_fast import benchmark, mechanize
+from mechanic_fast import _foreach, benchmark, mechanize
 
 
 def _run_steps(
@@ -54,16 +55,29 @@ def check_triton_matches_foreach() -> List[str]:
                 if dtype == torch.bfloat16 and variant == "mechanic_pytorch":
                     continue
                 runs = {}
-                for backend in ("foreach", "triton"):
-                    Opt = mechanize(torch.optim.AdamW, backend=backend, variant=variant)
-                    runs[backend] = _run_steps(lambda ps, Opt=Opt: Opt(ps, lr=1e-2), shapes, dtype)
-                (pf, sf), (pt, st) = runs["foreach"], runs["triton"]
+                # foreach twice: as chosen on CUDA (flat buffers below 2^22 elements per tensor) and with
+                # its tensor-by-tensor form forced (gradients reduced in place, x written per tensor)
+                for label, backend, threshold in (
+                    ("foreach", "foreach", None),
+                    ("foreach per tensor", "foreach", 1),
+                    ("triton", "triton", None),
+                ):
+                    default = _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR
+                    _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR = threshold or default
+                    try:
+                        Opt = mechanize(torch.optim.AdamW, backend=backend, variant=variant)
+                        runs[label] = _run_steps(lambda ps, Opt=Opt: Opt(ps, lr=1e-2), shapes, dtype)
+                    finally:
+                        _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR = default
+                pf, sf = runs["foreach"]
                 tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
-                try:
-                    torch.testing.assert_close(pt, pf, **tol)
-                    torch.testing.assert_close(st, sf, **tol)
-                except AssertionError as err:
-                    failures.append(f"triton vs foreach {name} {dtype} {variant}: {err}")
+                for label in ("triton", "foreach per tensor"):
+                    params, scale = runs[label]
+                    try:
+                        torch.testing.assert_close(params, pf, **tol)
+                        torch.testing.assert_close(scale, sf, **tol)
+                    except AssertionError as err:
+                        failures.append(f"{label} vs foreach {name} {dtype} {variant}: {err}")
     return failures
 
 
