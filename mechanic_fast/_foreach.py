@@ -29,12 +29,17 @@ class FlatCopy:
     """A copy of a list of tensors in one flat buffer (the x_t copy of a step)."""
 
     def __init__(self, tensors: Sequence[Tensor], flat: Optional[Tensor] = None) -> None:
-        self.numels = [t.numel() for t in tensors]
+        self.tensors = tensors
         self.flat = (
             flat
             if flat is not None
             else torch.empty(sum(self.numels), dtype=tensors[0].dtype, device=tensors[0].device)
         )
+
+    @property
+    def numels(self) -> List[int]:
+        """Element counts of the copied tensors, in order (made on demand: most steps never need them)."""
+        return [t.numel() for t in self.tensors]
 
 
 class Workspace:

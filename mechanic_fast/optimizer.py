@@ -439,13 +439,13 @@ class Mechanic(torch.optim.Optimizer):
                 self._mechanic_commit(refs)
             return loss if closure is not None else result
 
-        self._mechanic_acc_dtype = (
-            torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        )
         pre, post = self._mechanic_fns()
         old = _state.tuner_state(entry)
         with torch.no_grad():
             groups = self._mechanic_groups(params, grads, refs, maximize, new_refs)
+            # float64 sums where any parameter is float64 (groups have one dtype each: no loop over params)
+            wide = any(grp.params[0].dtype == torch.float64 for grp in groups)
+            self._mechanic_acc_dtype = torch.float64 if wide else torch.float32
             sums, copies = pre(groups, old.s.device)
             # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite;
             # so do finite ones that overflow them, which are not skipped (the tuner step is then
