@@ -208,9 +208,10 @@ def inner_products(
     # gather would write them once more only for BLAS to read them as one matrix with x.
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
+    d_first = d.flat if isinstance(d, FlatCopy) else d[0]
     g_in_place = (
         g is not None
-        and g[0].dtype == acc_dtype
+        and g[0].dtype == acc_dtype == d_first.dtype  # no conversion needed: BLAS dots where they are
         and flat_view(g) is None
         and few_large(numel, len(g), g[0].device)
     )
