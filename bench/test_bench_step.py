@@ -25,6 +25,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_step(benchmark, shapes, impl):
     if impl.endswith("compiled") and len(SHAPES[shapes]) > MAX_COMPILED_TENSORS:
         pytest.skip("compiling over this many tensors takes minutes")
+    if impl.endswith("compiled"):  # fresh dynamo caches: every compiled step traces the same code objects,
+        torch._dynamo.reset()  # and past the recompile limit (8 per code object) they would run eagerly
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[shapes]]
     grads = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES[shapes]]
