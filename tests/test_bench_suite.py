@@ -45,3 +45,15 @@ def test_gpu_check_says_it_needs_a_gpu_here(tmp_path):
     )
     assert out.returncode == 2 and "no CUDA device" in out.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+def test_interleaved_script_reports_the_three_optimizers():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "interleaved.py"), "--shapes", "200x64x64", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("bare", "mechanic_fast", "mechanic_pytorch", "speed-up vs mechanic-pytorch"):
+        assert name in out.stdout
