@@ -209,16 +209,16 @@ def inner_products(
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     d_first = d.flat if isinstance(d, FlatCopy) else d[0]
+    g_scattered = g is not None and flat_view(g) is None  # else flat(g) is a view, not a gather
     g_in_place = (
-        g is not None
+        g_scattered
         and g[0].dtype == acc_dtype == d_first.dtype  # no conversion needed: BLAS dots where they are
-        and flat_view(g) is None
         and few_large(numel, len(g), g[0].device)
     )
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     x_flat = None
     if need_x:
-        if not g_in_place and g is not None and g[0].dtype == x[0].dtype and flat_view(g) is None:
+        if g_scattered and not g_in_place and g[0].dtype == x[0].dtype:
             buffer = workspace_buffer(workspace, "g_x", (2, numel), x[0])  # its g row: the update's scratch
             both = gather(list(g) + list(x), buffer).view(2, -1)
             x_flat = both[1]
@@ -317,9 +317,9 @@ def apply_update(
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
     eager = workspace is not None and not torch.compiler.is_compiling()
     x_t_parts = workspace.shaped(x_t, x) if eager else _split(x_t, x)
-    ref = flat(x_ref)
     x = list(x)
     if delta is None:
+        ref = flat(x_ref)
         # d = x_t - x_ref into the spare gradient row; then w - d / denom = -(Delta + u), negated back exactly
         spare = workspace.spare_row(x_t) if eager else None
         if spare is None:
@@ -327,34 +327,37 @@ def apply_update(
         d = torch.sub(x_t, ref) if spare is None else torch.sub(x_t, ref, out=spare)
         torch._foreach_sub_(x_t_parts, x)
         new_neg = x_t.addcdiv_(d, denom, value=-1)  # -(Delta + u)
-        _write_x(x, x_t, x_t_parts, ref, x_ref, new_neg, x_t_parts, scale, -1)
+        _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1)
     else:
         torch._foreach_sub_(x_t_parts, x)  # w = -u
         stored = flat_view(delta)
         if stored is None:  # Delta not in one buffer: advance it tensor by tensor
             torch._foreach_sub_(list(delta), _split(x_t, delta))
-            stored = gather(delta)
         else:
             stored.sub_(x_t)  # Delta + u
-        _write_x(x, x_t, x_t_parts, ref, x_ref, stored, delta, scale, 1)
+        _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1)
 
 
 def _write_x(
     x: TensorList,
     x_t: Tensor,
     x_t_parts: TensorList,
-    ref: Tensor,
     ref_parts: Sequence[Tensor],
-    step: Tensor,
+    ref: Optional[Tensor],
     step_parts: Sequence[Tensor],
+    step: Optional[Tensor],
     scale: Tensor,
     value: int,
 ) -> None:
-    """x = x_ref + value * scale * step, rounded as one addcmul; `x_t` is free scratch."""
+    """x = x_ref + value * scale * step, rounded as one addcmul; `x_t` is free scratch. The flat forms of
+    x_ref and step (`ref`, `step`: None where not made yet) are needed, and gathered if not given, only
+    where the result is formed flat."""
     if few_large(x_t.numel(), len(x), x_t.device):
         for x_i, ref_i, step_i in zip(x, ref_parts, step_parts):
             torch.addcmul(ref_i, step_i, scale, value=value, out=x_i)
     else:
+        ref = flat(ref_parts) if ref is None else ref
+        step = gather(step_parts) if step is None else step
         torch.addcmul(ref, step, scale, value=value, out=x_t)
         torch._foreach_copy_(x, x_t_parts)
 

@@ -283,10 +283,7 @@ class Mechanic(torch.optim.Optimizer):
         layout = self._mechanic_layout
         if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
             # a cached layout has no sharded parameter: no local shard to take
-            return [
-                grp._replace(grads=[g if g.dim() else g.view(1) for g in map(grads.__getitem__, grp.index)])
-                for grp in layout[1]
-            ]
+            return [grp._replace(grads=_as_1d([grads[i] for i in grp.index])) for grp in layout[1]]
         store_delta = self._mechanic_run_cfg.store_delta
         workspaces = {}
         if layout is not None:
@@ -561,10 +558,14 @@ def _workspace_key(
     return (impl, reduce_over, maximize, like.dtype, like.device)
 
 
+def _as_1d(tensors: List[Tensor]) -> List[Tensor]:
+    """0-d tensors (a CLIP-style logit_scale) viewed as 1-element ones, which every multi-tensor op takes."""
+    return [t if t.dim() else t.view(1) for t in tensors]
+
+
 def _local_1d(tensors: List[Tensor]) -> List[Tensor]:
-    """Local shards, with 0-d tensors (a CLIP-style logit_scale) viewed as 1-element ones, which every
-    multi-tensor op takes."""
-    return [t if t.dim() else t.view(1) for t in map(_distributed.local, tensors)]
+    """Local shards, 0-d ones viewed as 1-element ones (`_as_1d`)."""
+    return _as_1d([_distributed.local(t) for t in tensors])
 
 
 def _rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
