@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _opaque
 from ._foreach import FlatCopy, TensorList, TensorsOrCopy, Workspace
 
 
@@ -47,8 +48,13 @@ def inner_products(
 ) -> Tuple[Tensor, Optional[TensorList]]:
     """``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` and, with ``copy_x``, a copy of x (see `_foreach`)."""
     d = _tensors(d)
-    direction = torch._foreach_sub(d, _tensors(d_ref)) if d_ref is not None else d
     x = _tensors(x) if x is not None else None
+    copy = [t.clone() for t in x] if copy_x and x is not None else None
+    if _opaque.preferred(sum(t.numel() for t in d), len(d), d[0].device):  # many small tensors on CPU
+        g = _tensors(g) if g is not None else None
+        d_ref = _tensors(d_ref) if d_ref is not None else None
+        return _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums), copy
+    direction = torch._foreach_sub(d, _tensors(d_ref)) if d_ref is not None else d
     zero = torch.zeros((), dtype=acc_dtype, device=d[0].device)
     sums = [zero] * 4  # [<d, g>, <d, x>, ||g||^2, ||x||^2]; those of an absent g (or x) are zero
     if g is not None:
@@ -56,7 +62,6 @@ def inner_products(
         sums[0], sums[2] = _dots(direction, g, acc_dtype), _dots(g, g, acc_dtype)
     if x is not None and x_sums:
         sums[1], sums[3] = _dots(direction, x, acc_dtype), _dots(x, x, acc_dtype)
-    copy = [t.clone() for t in x] if copy_x and x is not None else None
     return torch.stack(sums), copy
 
 

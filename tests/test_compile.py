@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 STEPS = 30
 
 
-def _train(opt_factory, compile_whole=False, device="cpu", steps=STEPS, dtype=torch.float64):
+def _train(opt_factory, compile_whole=False, device="cpu", steps=STEPS, dtype=torch.float64, graphs=None):
     """float64: while S is tiny, x_t - x_ref sits at the parameters' rounding level in float32, so
     compiled and eager kernels (which round differently) would drift apart for reasons not their own."""
     torch._dynamo.reset()
@@ -30,6 +30,8 @@ def _train(opt_factory, compile_whole=False, device="cpu", steps=STEPS, dtype=to
             p.grad = (p.detach() - t) * 0.5
         step()
         frames.append(counter.frame_count)
+    if graphs is not None:
+        graphs.extend(counter.graphs)
     return params, opt, frames
 
 
@@ -134,3 +136,23 @@ def test_both_compiled_forms_trace_the_per_tensor_code(whole, monkeypatch):
     factory = lambda ps: mechanize(torch.optim.AdamW, compile=not whole)(ps, lr=1e-3)  # noqa: E731
     _train(factory, compile_whole=whole, steps=3)
     assert {"inner_products", "apply_update"} <= set(traced), traced
+
+
+@pytest.mark.parametrize("sums", ["custom_op", "traced"])
+def test_compiled_sums_through_the_custom_op_or_traced_give_the_eager_result(sums, monkeypatch):
+    """Many small tensors on CPU (these) take their sums through `mechanic_fast::inner_products`, one node
+    of the graph; few large ones (emulated by a threshold of 1 element) are traced tensor by tensor."""
+    from mechanic_fast import _foreach
+
+    if sums == "traced":
+        monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", 1)
+    factory = lambda ps: mechanize(torch.optim.AdamW)(ps, lr=1e-3, foreach=True)  # noqa: E731
+    eager, eager_opt, _ = _train(factory, steps=12)
+    graphs = []
+    compiled, compiled_opt, frames = _train(factory, compile_whole=True, steps=12, graphs=graphs)
+    ops = [n for gm in graphs for n in gm.graph.nodes if "mechanic_fast.inner_products" in str(n.target)]
+    assert len(ops) == (1 if sums == "custom_op" else 0), [gm.graph for gm in graphs]
+    assert frames[-1] <= 2
+    torch.testing.assert_close(compiled_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)

@@ -1,16 +1,28 @@
 """The O(d) implementations against float64 math and against each other: `_foreach` (flat buffers, eager;
-with its kept workspace and without) and `_pertensor` (what torch.compile traces; run eagerly here, and
-compiled in test_compile.py). Fresh random inputs per seed; a tiled and a scattered Delta; a parameter
-that is a non-contiguous view."""
+with its kept workspace and without), `_pertensor` (what torch.compile traces; run eagerly here, and
+compiled in test_compile.py) and the custom op `mechanic_fast::inner_products` (what torch.compile calls
+for the sums of many small tensors on CPU; called eagerly here). Fresh random inputs per seed; a tiled
+and a scattered Delta; a parameter that is a non-contiguous view."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mechanic_fast import _foreach, _pertensor
+from mechanic_fast import _foreach, _opaque, _pertensor
 
 SHAPES = [(1,), (7,), (33, 5), (300,)]
+
+
+class _CustomOp:
+    """The sums through the custom op (its update is `_pertensor`'s: traced code calls it only for sums)."""
+
+    @staticmethod
+    def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
+        sums = _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums)
+        return sums, [t.clone() for t in x] if copy_x and x is not None else None
+
+    apply_update = staticmethod(_pertensor.apply_update)
 
 
 def _impls():
@@ -22,6 +34,7 @@ def _impls():
         "foreach_workspace": (_foreach, _foreach.Workspace, many_small),
         "foreach_per_tensor": (_foreach, _foreach.Workspace, 1),
         "pertensor": (_pertensor, lambda: None, many_small),
+        "custom_op": (_CustomOp, lambda: None, many_small),
     }
 
 
@@ -189,3 +202,14 @@ def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(monkeypatch, th
         results.append(params)
     for a, b in zip(*results):
         assert ((a - b).abs() <= 4 * torch.finfo(torch.float64).eps * a.abs().max()).all()
+
+
+def test_custom_op_registration_is_consistent(seed):
+    """torch.library's own checks of the op: schema, fake (meta) implementation, no aliasing of inputs,
+    dispatch under FakeTensor and under AOT tracing (what torch.compile relies on)."""
+    x, g, _, delta = _inputs(torch.float32, seed)
+    for args in (
+        (delta, [], g, x, torch.float32, True),
+        (x, [t + 1 for t in x], [], x, torch.float64, False),  # Delta recomputed, no gradient sums
+    ):
+        torch.library.opcheck(torch.ops.mechanic_fast.inner_products.default, args)
