@@ -7,6 +7,8 @@ reduction pass per tensor over g, x and Delta for the four inner products, and f
 (Delta += u; x = x_ref + S * Delta) into the pointwise kernel that already computes the base optimizer's
 step. Multi-tensor ops are used where one exists, so that the traced graph stays small; the sums are
 the exception (torch has no multi-tensor dot product, and `_foreach_norm` is not lowered by inductor).
+For many small tensors on CPU the sums are not traced at all: they go through one custom op
+(`_opaque`), which runs the flat eager code (inductor's loops cost more there, and so does compiling them).
 """
 
 from __future__ import annotations
