@@ -53,8 +53,6 @@ def inner_products(
     x = _tensors(x) if x is not None else None
     copy = [t.clone() for t in x] if copy_x and x is not None else None
     if _opaque.preferred(sum(t.numel() for t in d), len(d), d[0].device):  # many small tensors on CPU
-        g = _tensors(g) if g is not None else None
-        d_ref = _tensors(d_ref) if d_ref is not None else None
         return _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums), copy
     direction = torch._foreach_sub(d, _tensors(d_ref)) if d_ref is not None else d
     zero = torch.zeros((), dtype=acc_dtype, device=d[0].device)
