@@ -5,8 +5,9 @@ ops are loops over tensors). Traced, flat buffers cost: gathers become copies, B
 inputs materialised, and inductor cannot fuse across them. Written per tensor instead, inductor makes one
 reduction pass per tensor over g, x and Delta for the four inner products, and fuses the update
 (Delta += u; x = x_ref + S * Delta) into the pointwise kernel that already computes the base optimizer's
-step. Multi-tensor ops are used where one exists, so that the traced graph stays small; the sums are
-the exception (torch has no multi-tensor dot product, and `_foreach_norm` is not lowered by inductor).
+step. Plain per-tensor ops, not multi-tensor ones, which cost compile time (see `apply_update`) and
+give the same kernels (torch has no multi-tensor dot product anyway, and `_foreach_norm` is not
+lowered by inductor).
 For many small tensors on CPU the sums are not traced at all: they go through one custom op
 (`_opaque`), which runs the flat eager code (inductor's loops cost more there, and so does compiling them).
 """
@@ -23,7 +24,7 @@ from ._foreach import FlatCopy, TensorList, TensorsOrCopy, Workspace
 
 
 def _tensors(tensors: TensorsOrCopy) -> TensorList:
-    """A plain list (dynamo cannot pass a list subclass such as `_foreach.Tiled` to a multi-tensor op)."""
+    """The tensors as a plain list; a flat copy made by the flat implementation is refused."""
     if isinstance(tensors, FlatCopy):  # made by the flat implementation (a step that ran eagerly)
         raise TypeError("the per-tensor implementation takes lists of tensors, not a flat copy")
     return list(tensors)
@@ -54,7 +55,7 @@ def inner_products(
     copy = [t.clone() for t in x] if copy_x and x is not None else None
     if _opaque.preferred(sum(t.numel() for t in d), len(d), d[0].device):  # many small tensors on CPU
         return _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums), copy
-    direction = torch._foreach_sub(d, _tensors(d_ref)) if d_ref is not None else d
+    direction = [a - b for a, b in zip(d, d_ref)] if d_ref is not None else d  # see apply_update
     zero = torch.zeros((), dtype=acc_dtype, device=d[0].device)
     sums = [zero] * 4  # [<d, g>, <d, x>, ||g||^2, ||x||^2]; those of an absent g (or x) are zero
     if g is not None:
@@ -74,17 +75,19 @@ def apply_update(
     denom: Tensor,
     workspace: Optional[Workspace] = None,
 ) -> None:
-    """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as in `_foreach.apply_update`."""
+    """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as in `_foreach.apply_update`.
+
+    Plain per-tensor ops, not multi-tensor ones: traced, each multi-tensor op is a list node whose n
+    outputs inductor's lowering takes apart one by one, each time walking the whole list (quadratic in
+    the number of tensors); over 200 tensors these five ops cost ~8 s of the compile (first 5 steps of
+    `torch.compile(opt.step)`: 72.6 s against 62.3 s, bench/compile_times.py's setting). The pointwise
+    code inductor generates is the same."""
     x, x_t, x_ref = _tensors(x), _tensors(x_copy), _tensors(x_ref)
-    step = torch._foreach_sub(x, x_t)  # u
     if delta is None:
-        recomputed = torch._foreach_sub(x_t, x_ref)
-        torch._foreach_div_(recomputed, denom)  # Delta = (x_t - x_ref) / (S_old + eps)
-        torch._foreach_add_(step, recomputed)
+        for x_i, t_i, ref_i in zip(x, x_t, x_ref):
+            # u + Delta with Delta = (x_t - x_ref) / (S_old + eps)
+            x_i.copy_(((x_i - t_i) + (t_i - ref_i) / denom) * scale + ref_i)
     else:
-        delta = _tensors(delta)
-        torch._foreach_add_(delta, step)
-        step = delta
-    new = torch._foreach_mul(step, scale)
-    torch._foreach_add_(new, x_ref)
-    torch._foreach_copy_(x, new)
+        for x_i, t_i, ref_i, delta_i in zip(x, x_t, x_ref, _tensors(delta)):
+            delta_i.add_(x_i - t_i)  # Delta += u
+            x_i.copy_(delta_i * scale + ref_i)

@@ -230,21 +230,28 @@ class Mechanic(torch.optim.Optimizer):
         # The closure was evaluated once already for Mechanic's inner products: no doubled gradients.
         return func(self, _evaluated_once(closure, loss))
 
-    def _mechanic_refs(self, params: List[Tensor]) -> Tuple[Dict[Tensor, Dict[str, Tensor]], bool]:
-        """x_ref (and Delta) of `params`, and whether they are new and must be committed to `state`.
-
-        A parameter seen for the first time gets x_ref = x_t (Delta = 0). Then every parameter that has
-        Mechanic state is laid out anew so that each device/dtype tiles one flat buffer (a one-time
-        copy; later steps read the buffer without a gather)."""
+    def _mechanic_known_refs(self, params: List[Tensor]) -> Dict[Tensor, Dict[str, Tensor]]:
+        """The state entries of those of `params` that have Mechanic state (x_ref)."""
         state = self.state
         refs = {}
         for p in params:  # one lookup each (tensors hash in Python)
             entry = state.get(p)
             if entry is not None and _state.X_REF in entry:
                 refs[p] = entry
-        if len(refs) == len(params):
-            return refs, False
-        known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.X_REF in s}
+        return refs
+
+    def _mechanic_refs(
+        self, params: List[Tensor], known_refs: Dict[Tensor, Dict[str, Tensor]]
+    ) -> Tuple[Dict[Tensor, Dict[str, Tensor]], bool]:
+        """x_ref (and Delta) of `params` (`known_refs`: the state entries of those that have them), and
+        whether they are new and must be committed to `state`.
+
+        A parameter seen for the first time gets x_ref = x_t (Delta = 0). Then every parameter that has
+        Mechanic state is laid out anew so that each device/dtype tiles one flat buffer (a one-time
+        copy; later steps read the buffer without a gather)."""
+        if len(known_refs) == len(params):
+            return known_refs, False
+        known = {p: s for p, s in self.state.items() if isinstance(s, dict) and _state.X_REF in s}
         values = {p: s[_state.X_REF] for p, s in known.items()}
         values.update((p, p.detach()) for p in params if p not in known)
         x_refs = _state.tiled(values, self._mechanic_ref_dtype)
@@ -279,9 +286,10 @@ class Mechanic(torch.optim.Optimizer):
         (so a step does O(1) Python work per tensor: one list of gradients); they are re-made when
         parameters come or go, when state is created or loaded, and always for sharded (DTensor)
         parameters, whose local tensors FSDP may swap."""
-        key = (tuple(map(id, params)), tuple(maximize))
+        compiling = torch.compiler.is_compiling()
         layout = self._mechanic_layout
-        if layout is not None and layout[0] == key and not new_refs and not torch.compiler.is_compiling():
+        key = None if compiling else (tuple(map(id, params)), tuple(maximize))
+        if layout is not None and layout[0] == key and not new_refs:
             # a cached layout has no sharded parameter: no local shard to take
             return [grp._replace(grads=_as_1d([grads[i] for i in grp.index])) for grp in layout[1]]
         store_delta = self._mechanic_run_cfg.store_delta
@@ -291,22 +299,27 @@ class Mechanic(torch.optim.Optimizer):
                 _workspace_key(g.impl, g.reduce_over, g.maximize, g.params[0]): g.workspace for g in layout[1]
             }
         # Sharded (DTensor) parameters give partial sums, reduced over the mesh dims they are sharded on.
+        # Checked once: plain ones then skip the per-tensor shard lookups (Python work that torch.compile
+        # traces again for every tensor).
+        sharded = any(_distributed.is_dtensor(p) for p in params)
+        to_1d = _local_1d if sharded else _as_1d
+        tiled = list if compiling else _foreach.Tiled  # the flat views it finds are eager-only
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
-            local = _distributed.local(p)
-            bucket = (_distributed.reduce_groups(p), local.device, local.dtype, maximize[i])
-            buckets.setdefault(bucket, []).append(i)
+            local = _distributed.local(p) if sharded else p
+            reduce_over = _distributed.reduce_groups(p) if sharded else ()
+            buckets.setdefault((reduce_over, local.device, local.dtype, maximize[i]), []).append(i)
         groups = []
         for (reduce_over, device, _, maximizes), idx in buckets.items():
-            ps = [params[i] for i in idx]
+            entries = [refs[params[i]] for i in idx]
             impl = _backend.select(self._mechanic_config.backend, device)
-            local = _local_1d(ps)
+            local = to_1d([params[i] for i in idx])
             groups.append(
                 _Group(
                     local,
-                    _local_1d([grads[i] for i in idx]),
-                    _foreach.Tiled(_local_1d([refs[p][_state.X_REF] for p in ps])),
-                    _foreach.Tiled(_local_1d([refs[p][_state.DELTA] for p in ps])) if store_delta else None,
+                    to_1d([grads[i] for i in idx]),
+                    tiled(to_1d([e[_state.X_REF] for e in entries])),
+                    tiled(to_1d([e[_state.DELTA] for e in entries])) if store_delta else None,
                     impl,
                     reduce_over,
                     maximizes,
@@ -316,8 +329,7 @@ class Mechanic(torch.optim.Optimizer):
                     idx,
                 )
             )
-        sharded = any(_distributed.is_dtensor(p) for p in params)
-        if not sharded and not torch.compiler.is_compiling():
+        if not sharded and not compiling:
             self._mechanic_layout = (key, groups)
         return groups
 
@@ -421,7 +433,8 @@ class Mechanic(torch.optim.Optimizer):
         params, grads, maximize = self._mechanic_gather()
         if not params:
             return self._mechanic_base_step(closure, loss)
-        if torch.compiler.is_compiling() and any(_state.X_REF not in self.state.get(p, ()) for p in params):
+        known = self._mechanic_known_refs(params)
+        if len(known) < len(params) and torch.compiler.is_compiling():
             # A step that creates state runs eagerly: traced, it would be compiled once more (and its
             # state-creating graph recompiled), which over 200 tensors costs minutes.
             return self._mechanic_eager_step(closure, loss)
@@ -429,7 +442,7 @@ class Mechanic(torch.optim.Optimizer):
         entry = self._mechanic_tuner_entry()
         cfg = self._mechanic_run_config()
         with torch.no_grad():
-            refs, new_refs = self._mechanic_refs(params)
+            refs, new_refs = self._mechanic_refs(params, known)
         if self._mechanic_lr_is_zero():
             result = self._mechanic_base_step(closure, loss)
             if new_refs:
