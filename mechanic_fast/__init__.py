@@ -5,7 +5,15 @@ opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
 """
 
 from ._config import MechanicConfig
-from .optimizer import Mechanic, is_mechanized, mechanic_scale, mechanize
+from .optimizer import INDUCTOR_OPTIONS, Mechanic, is_mechanized, mechanic_scale, mechanize
 
 __version__ = "0.1.0"
-__all__ = ["Mechanic", "MechanicConfig", "is_mechanized", "mechanic_scale", "mechanize", "__version__"]
+__all__ = [
+    "INDUCTOR_OPTIONS",
+    "Mechanic",
+    "MechanicConfig",
+    "is_mechanized",
+    "mechanic_scale",
+    "mechanize",
+    "__version__",
+]

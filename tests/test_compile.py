@@ -156,3 +156,48 @@ def test_compiled_sums_through_the_custom_op_or_traced_give_the_eager_result(sum
     torch.testing.assert_close(compiled_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_inductor_options_give_the_same_code_in_a_smaller_fusion_search(monkeypatch):
+    """`torch.compile(opt.step, options=mechanic_fast.INDUCTOR_OPTIONS)`: inductor's fusion search runs
+    with fewer neighbours per shared buffer (the options reach it, and only that compile), and writes the
+    same code as with its defaults, over enough tensors (12: groups of up to 24 nodes) that the smaller
+    search skips pairs."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor import scheduler
+    from torch._inductor.utils import run_and_get_code
+
+    from mechanic_fast import INDUCTOR_OPTIONS
+
+    default = inductor_config.max_fusion_buffer_group_pairwise_attempts
+    searched = []
+    original = scheduler.Scheduler.get_possible_fusions
+
+    def spy(self, *args, **kwargs):
+        searched.append(inductor_config.max_fusion_buffer_group_pairwise_attempts)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.Scheduler, "get_possible_fusions", spy)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached graph skips the search
+    codes, results = [], []
+    for options in (None, INDUCTOR_OPTIONS):
+        torch._dynamo.reset()
+        searched.clear()
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(12)]
+        opt = mechanize(torch.optim.AdamW)(params, lr=1e-2, foreach=True)
+        step = torch.compile(opt.step, options=options)
+        for _ in range(2):  # the first step creates Mechanic's state (eagerly); the second is compiled
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            _, code = run_and_get_code(step)
+        wanted = INDUCTOR_OPTIONS["max_fusion_buffer_group_pairwise_attempts"] if options else default
+        assert searched and set(searched) == {wanted}, searched
+        codes.append([re.sub(r"/tmp/\S+|# kernel path: .*|# AOT ID: .*", "", c) for c in code])
+        results.append([p.detach().clone() for p in params])
+    assert inductor_config.max_fusion_buffer_group_pairwise_attempts == default
+    assert codes[0] == codes[1]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
