@@ -31,7 +31,7 @@ grads = [torch.randn(side, side, generator=gen) for _ in range(n)]
 kw = dict(lr=1e-3, weight_decay=0.01, foreach=True)
 if kind == "bare":
     step = torch.compile(torch.optim.AdamW(params, **kw).step)
-elif kind == "mechanized":
+elif kind == "step":
     step = torch.compile(mechanize(torch.optim.AdamW, backend="foreach")(params, **kw).step)
 else:  # Mechanic compiles its own work; the base step runs eagerly
     step = mechanize(torch.optim.AdamW, backend="foreach", compile=True)(params, **kw).step
@@ -101,10 +101,9 @@ def main() -> int:
         header += f" bare, pairs={k}: s | mechanized, pairs={k}: s | ratio | mechanized step ms, pairs={k} |"
         rule += "---:|---:|---:|---:|"
     lines = [header, rule]
-    kind = "mechanized" if args.mechanized == "step" else "own"
     started = time.perf_counter()
     for n in args.tensors:
-        bare, mech = measure("bare", n, args.side), measure(kind, n, args.side)
+        bare, mech = measure("bare", n, args.side), measure(args.mechanized, n, args.side)
         ratio = mech["first5_s"] / bare["first5_s"]
         row = (
             f"| {n} | {bare['first5_s']:.1f} | {mech['first5_s']:.1f} | {ratio:.2f} "
@@ -112,7 +111,7 @@ def main() -> int:
         )
         if args.fusion_pairs:
             bare_k = measure("bare", n, args.side, args.fusion_pairs)
-            mech_k = measure(kind, n, args.side, args.fusion_pairs)
+            mech_k = measure(args.mechanized, n, args.side, args.fusion_pairs)
             row += (
                 f" {bare_k['first5_s']:.1f} | {mech_k['first5_s']:.1f} "
                 f"| {mech_k['first5_s'] / bare_k['first5_s']:.2f} | {mech_k['step_ms']:.2f} |"
