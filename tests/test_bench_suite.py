@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HANG_LIMIT_S
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +28,7 @@ def test_bench_suite_runs_once_per_case(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_LIMIT_S,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
@@ -52,7 +54,7 @@ def test_interleaved_script_reports_the_three_optimizers():
         [sys.executable, str(ROOT / "bench" / "interleaved.py"), "--shapes", "200x64x64", "--steps", "2"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_LIMIT_S,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("bare", "mechanic_fast", "mechanic_pytorch", "speed-up vs mechanic-pytorch"):

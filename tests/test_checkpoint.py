@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_problem
+from conftest import HANG_LIMIT_S, make_problem
 
 from mechanic_fast import mechanize
 
@@ -126,7 +126,7 @@ def test_resume_in_a_new_process_on_the_parameters_device(tmp_path):
         torch.save([p.detach() for p in ps] + [opt.mechanic_scale], {str(tmp_path / "out.pt")!r})
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=HANG_LIMIT_S)
     for p in x:
         p.grad = torch.ones_like(p)
     opt.step()

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_LIMIT_S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args, cwd, timeout=300):
+def run_cli(*args, cwd, timeout=HANG_LIMIT_S):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, "-m", "mechanic_fast", *args],
@@ -86,7 +87,7 @@ def test_bad_output_paths_fail_before_any_work(command, option, make, message, t
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir.png").mkdir()
     before = sorted(os.listdir(tmp_path))
-    result = run_cli(command, option, str(make(tmp_path)), cwd=tmp_path, timeout=60)
+    result = run_cli(command, option, str(make(tmp_path)), cwd=tmp_path, timeout=HANG_LIMIT_S)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "[1/" not in result.stderr and "Next-byte" not in result.stdout  # nothing trained or measured
@@ -104,7 +105,7 @@ def test_plot_without_matplotlib_fails_before_any_work(command, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_LIMIT_S,
         env=env,
     )
     assert result.returncode == 2 and "needs matplotlib" in result.stderr

@@ -180,23 +180,24 @@ def test_inductor_options_give_the_same_code_in_a_smaller_fusion_search(monkeypa
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(scheduler.Scheduler, "get_possible_fusions", spy)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached graph skips the search
     codes, results = [], []
-    for options in (None, INDUCTOR_OPTIONS):
-        torch._dynamo.reset()
-        searched.clear()
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(12)]
-        opt = mechanize(torch.optim.AdamW)(params, lr=1e-2, foreach=True)
-        step = torch.compile(opt.step, options=options)
-        for _ in range(2):  # the first step creates Mechanic's state (eagerly); the second is compiled
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            _, code = run_and_get_code(step)
-        wanted = INDUCTOR_OPTIONS["max_fusion_buffer_group_pairwise_attempts"] if options else default
-        assert searched and set(searched) == {wanted}, searched
-        codes.append([re.sub(r"/tmp/\S+|# kernel path: .*|# AOT ID: .*", "", c) for c in code])
-        results.append([p.detach().clone() for p in params])
+    # a cached graph would skip the search; patch() scopes the setting to this block
+    with inductor_config.patch(fx_graph_cache=False):
+        for options in (None, INDUCTOR_OPTIONS):
+            torch._dynamo.reset()
+            searched.clear()
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(12)]
+            opt = mechanize(torch.optim.AdamW)(params, lr=1e-2, foreach=True)
+            step = torch.compile(opt.step, options=options)
+            for _ in range(2):  # the first step creates Mechanic's state (eagerly); the second is compiled
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                _, code = run_and_get_code(step)
+            wanted = INDUCTOR_OPTIONS["max_fusion_buffer_group_pairwise_attempts"] if options else default
+            assert searched and set(searched) == {wanted}, searched
+            codes.append([re.sub(r"/tmp/\S+|# kernel path: .*|# AOT ID: .*", "", c) for c in code])
+            results.append([p.detach().clone() for p in params])
     assert inductor_config.max_fusion_buffer_group_pairwise_attempts == default
     assert codes[0] == codes[1]
     for a, b in zip(*results):

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import HANG_LIMIT_S
 from dist_problem import STEPS, batch, make_model, make_opt, result, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -38,7 +39,7 @@ def run_ranks(mode: str, tmp_path, world: int = 2, extra=(), attempts: int = 3) 
             )
             for r in range(world)
         ]
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_LIMIT_S
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.poll() not in (None, 0) for p in procs):
                 break

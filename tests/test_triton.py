@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 from mechanic_fast import _backend, _foreach, _triton, mechanize  # noqa: E402
+
+# Without a GPU, conftest.py turns on Triton's interpreter (before triton.jit decorates the kernels).
 
 SHAPES = [(1,), (7,), (1000,), (4099,), (37, 53)]
 pytestmark = pytest.mark.skipif(
