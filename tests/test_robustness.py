@@ -58,7 +58,10 @@ def test_bfloat16_model_tracks_the_float32_run():
     assert ref_losses[-1] < 0.5 * ref_losses[0]  # it learned
     deviation = [abs(a - b) / b for a, b in zip(losses, ref_losses)]
     assert sum(deviation) / len(deviation) < 0.1 and max(deviation) < 0.3, deviation
-    assert abs(losses[-1] - ref_losses[-1]) <= 0.2 * ref_losses[-1], (losses[-1], ref_losses[-1])
+    # where training ends, over its last 20 steps: one step's loss alone swings with bfloat16's rounding
+    # of the forward pass (20.5% at the last step on one machine, 3.6% over the last 20)
+    end, ref_end = sum(losses[-20:]), sum(ref_losses[-20:])
+    assert abs(end - ref_end) <= 0.2 * ref_end, (end, ref_end)
     ratio = (opt.mechanic_scale / ref_opt.mechanic_scale).item()
     assert 0.67 < ratio < 1.5, ratio
     for state in opt.state.values():
