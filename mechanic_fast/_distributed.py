@@ -1,10 +1,27 @@
-"""Sharded parameters (DTensor: FSDP2's fully_shard, tensor parallel): local shards and the collective
-that turns per-rank partial sums into global ones. Plain tensors pass through untouched."""
+"""Parameters split over processes, and the collectives that make per-rank partial sums global.
+
+Mechanic tunes one scale from four sums over the whole model, so every rank must add up the same sums.
+A rank's sums are partial over a process group exactly when its tensors are disjoint pieces of the
+model across that group. One rule decides it, per parameter (`domain`), from the layouts of the tensors
+read (a gradient is first brought to its parameter's layout, `whole_grad`):
+
+- DTensor (FSDP2, tensor/sequence parallel, HSDP, 2-D meshes): every mesh dim whose placement splits
+  the tensor (Shard, _StridedShard, or any placement that is neither Replicate nor Partial);
+- FSDP1 (FullyShardedDataParallel): the flat parameters and their `use_orig_params` views, over the
+  group that shards them (HYBRID_SHARD: the shard group; NO_SHARD: none);
+- and, over all of that, the optimizer's partition group: its parameters are disjoint parts of one model
+  across that group (ZeroRedundancyOptimizer, pipeline stages, an explicit `partition_group`).
+
+Plain tensors (single process, DDP) give () and cost nothing.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+import gc
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 try:
@@ -13,6 +30,8 @@ try:
 except ImportError:  # torch built without distributed support
     dist = None  # type: ignore[assignment]
     DTensor = None  # type: ignore[assignment,misc]
+
+Domain = Tuple[Any, ...]  # the process groups a parameter's sums are partial over, in mesh-dim order
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -24,22 +43,78 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def reduce_groups(p: Tensor) -> Tuple[Any, ...]:
-    """Process groups of the mesh dims `p` is sharded on; () for a plain or fully replicated tensor.
-
-    A Replicate dim holds the same values on every rank of it, so summing over it would over-count.
-    """
-    if not is_dtensor(p):
-        return ()
-    mesh = p.device_mesh
-    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
+def _splits(placement: Any) -> bool:
+    """A placement that gives each rank of its mesh dim a different piece of the tensor. Replicate holds
+    the same values on every rank (summing over it would over-count) and a parameter is never Partial;
+    everything else (Shard, _StridedShard, whatever torch adds next) splits."""
+    return not (placement.is_replicate() or placement.is_partial())
 
 
-def all_reduce(sums: Tensor, groups: Tuple[Any, ...]) -> Tensor:
-    """Sum the partial sums over the given process groups: one collective per sharded mesh dim."""
+def domain(p: Tensor, fsdp1: Optional[Dict[int, Domain]] = None) -> Domain:
+    """The process groups over which the sums of `p` are partial (see the module docstring)."""
+    if is_dtensor(p):
+        mesh = p.device_mesh
+        return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements) if _splits(placement))
+    if fsdp1 is not None and getattr(p, "_fsdp_flattened", False):
+        return fsdp1.get(id(p), ())
+    return ()
+
+
+def fsdp1_domains(params: Sequence[Tensor]) -> Optional[Dict[int, Domain]]:
+    """For FSDP1 parameters among `params`: id -> the group that shards them; None when there are none.
+
+    A flat parameter does not point to the handle that knows its process group, so the handles are
+    found among live objects once per layout (parameters that come or go make a new layout)."""
+    if not any(getattr(p, "_fsdp_flattened", False) for p in params):
+        return None
+    flat_param = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if flat_param is None:
+        return None
+    out: Dict[int, Domain] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, flat_param.FlatParamHandle):
+            group = (obj.process_group,) if obj.uses_sharded_strategy else ()
+            out[id(obj.flat_param)] = group
+            for view in getattr(obj.flat_param, "_params", None) or ():  # use_orig_params=True
+                out[id(view)] = group
+    return out
+
+
+def whole_grad(p: Tensor, g: Tensor) -> Tensor:
+    """`g` in p's layout. A DTensor gradient may be Partial (sequence parallel leaves the gradients of
+    replicated norms as per-rank partial sums) or otherwise laid out differently from its parameter:
+    its local piece would then not be the gradient of p's local piece."""
+    if is_dtensor(p) and is_dtensor(g) and (g.placements != p.placements or g.device_mesh != p.device_mesh):
+        return g.redistribute(p.device_mesh, p.placements)
+    return g
+
+
+def all_reduce(sums: Tensor, groups: Domain) -> Tensor:
+    """Sum the partial sums over the given process groups, in float64 (four numbers: exact enough for
+    any rank count, and ranks with different parameter dtypes still send the same dtype)."""
+    if not groups:
+        return sums
+    wide = sums.to(torch.float64)
     for group in groups:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return sums
+        dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=group)
+    return wide.to(sums.dtype)
+
+
+def zero_redundancy_caller() -> Optional[Any]:
+    """The ZeroRedundancyOptimizer whose constructor is making the optimizer now, if any: it hands each
+    rank's optimizer a partition of the parameters (`optimizer_class=mechanize(...)`)."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(8):  # ZeroRedundancyOptimizer.__init__ -> _init_local_optimizer -> the class
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, zero.ZeroRedundancyOptimizer):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def shard_like(p: Tensor, value: Tensor) -> Tensor:
@@ -61,3 +136,21 @@ def like(p: Tensor, local_value: Tensor) -> Tensor:
     return DTensor.from_local(
         local_value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
     )
+
+
+class GroupRef:
+    """A process group kept by an optimizer: deepcopy shares it (a group cannot be copied), pickling
+    refuses with a clear message (a group belongs to one process)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> GroupRef:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a mechanized optimizer with a partition_group cannot be pickled: a process group belongs to "
+            "one process. Save its state_dict() instead, and load it into an optimizer made with "
+            "partition_group= in the new process"
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 import weakref
 from collections import OrderedDict
 from types import ModuleType
@@ -72,8 +73,16 @@ class Mechanic(torch.optim.Optimizer):
     _mechanic_log_func: Callable[[Dict[str, Any]], Any]
     _mechanic_base_step_fn: Callable[..., Any]
     _mechanic_base_sets_grad_mode: bool
+    # the process group over which this optimizer's parameters are disjoint parts of one model (None: it
+    # holds the whole model, or its sharding is visible in the parameters themselves)
+    _mechanic_partition_group: Optional[_distributed.GroupRef] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # ZeroRedundancyOptimizer(params, optimizer_class=mechanize(...)) hands each rank's optimizer a
+        # partition of the parameters: their sums are added over ZeRO's process group.
+        zero = _distributed.zero_redundancy_caller()
+        if zero is not None:
+            self._mechanic_partition_group = _distributed.GroupRef(zero.process_group)
         super().__init__(*args, **kwargs)
         self._mechanic_attach()
         self._mechanic_tuner_entry()  # the tuner exists from the start, like the options it records
@@ -105,11 +114,15 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_run_cfg: Optional[MechanicConfig] = None
         # the last step's groups without gradients, keyed by the parameters (ids) and maximize flags
         self._mechanic_layout: Optional[Tuple[Tuple[Any, ...], List[_Group]]] = None
+        # every parameter's reduction domain, keyed by the optimizer's parameters (ids)
+        self._mechanic_domain_cache: Optional[Tuple[Tuple[int, ...], Dict[int, _distributed.Domain]]] = None
 
     # ------------------------------------------------------------------------- copy and pickle
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["mechanic_skipped_steps"] = self.mechanic_skipped_steps
+        if self._mechanic_partition_group is not None:
+            state["_mechanic_partition_group"] = self._mechanic_partition_group
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -206,10 +219,28 @@ class Mechanic(torch.optim.Optimizer):
                     )
                 if p.dtype.is_complex:
                     raise RuntimeError("Mechanic does not support complex parameters; nothing was changed")
+                whole = _distributed.whole_grad(p, g)
+                if whole is not g:  # once, in place of p.grad: the base step reads it as it is
+                    p.grad = g = whole
                 params.append(p)
                 grads.append(g)
                 maximize.append(maximizes)
         return params, grads, maximize
+
+    def _mechanic_domains(self) -> Dict[int, _distributed.Domain]:
+        """Every parameter's reduction domain (`_distributed.domain`), in the optimizer's order, with or
+        without a gradient: a rank whose piece of a parameter is empty, or has no gradient, still joins
+        the collectives of its domain, in the order the other ranks issue them."""
+        params = self._mechanic_params()
+        key = tuple(map(id, params))
+        cache = self._mechanic_domain_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        fsdp1 = _distributed.fsdp1_domains(params)
+        domains = {id(p): _distributed.domain(p, fsdp1) for p in params}
+        if not torch.compiler.is_compiling():
+            self._mechanic_domain_cache = (key, domains)
+        return domains
 
     def _mechanic_lr_is_zero(self) -> bool:
         """Every group's lr is 0 (read on the host: a Python number, or a CPU tensor in eager mode).
@@ -316,11 +347,13 @@ class Mechanic(torch.optim.Optimizer):
         sharded = any(_distributed.is_dtensor(p) for p in params)
         to_1d = _local_1d if sharded else _as_1d
         tiled = list if compiling else _foreach.Tiled  # the flat views it finds are eager-only
+        domains = self._mechanic_domains()
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p) if sharded else p
-            reduce_over = _distributed.reduce_groups(p) if sharded else ()
-            buckets.setdefault((reduce_over, local.device, local.dtype, maximize[i]), []).append(i)
+            if local.numel() == 0:  # an empty shard adds nothing; its domain still joins (_mechanic_total)
+                continue
+            buckets.setdefault((domains[id(p)], local.device, local.dtype, maximize[i]), []).append(i)
         groups = []
         for (reduce_over, device, _, maximizes), idx in buckets.items():
             entries = [refs[params[i]] for i in idx]
@@ -347,15 +380,27 @@ class Mechanic(torch.optim.Optimizer):
 
     def _mechanic_total(self, parts: List[Tuple[Tensor, Tuple[Any, ...]]], device: torch.device) -> Tensor:
         """Sum per-group sums on the tuner's device: one all-reduce per reduction domain (one in all for
-        FSDP2), never one per tensor."""
+        FSDP2), never one per tensor, then one over the partition group if there is one. Every domain of
+        the optimizer joins, with zeros where this rank holds nothing of it, so that all ranks issue the
+        same collectives in the same order."""
         by_domain: Dict[Tuple[Any, ...], List[Tensor]] = {}
+        for reduce_over in dict.fromkeys(self._mechanic_domains().values()):
+            if reduce_over:
+                by_domain[reduce_over] = []
         for sums, reduce_over in parts:
             by_domain.setdefault(reduce_over, []).append(sums.to(device, non_blocking=True))
         totals = []
         for reduce_over, sums_list in by_domain.items():
-            total = torch.stack(sums_list).sum(0) if len(sums_list) > 1 else sums_list[0]
+            if not sums_list:
+                total = torch.zeros(4, dtype=self._mechanic_acc_dtype, device=device)
+            else:
+                total = torch.stack(sums_list).sum(0) if len(sums_list) > 1 else sums_list[0]
             totals.append(_distributed.all_reduce(total, reduce_over))
-        return torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
+        if not totals:  # this rank has nothing to sum: it still joins the partition's collective
+            totals.append(torch.zeros(4, dtype=self._mechanic_acc_dtype, device=device))
+        total = torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
+        partition = self._mechanic_partition_group
+        return total if partition is None else _distributed.all_reduce(total, (partition.group,))
 
     def _mechanic_pre(self, groups: List[_Group], device: torch.device) -> Tuple[Tensor, List[Any]]:
         """Inner products over every parameter with a gradient, and the x_t copies (before the base step,
@@ -443,7 +488,9 @@ class Mechanic(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params, grads, maximize = self._mechanic_gather()
-        if not params:
+        # a rank whose parameters have no gradient (or an empty piece of each) still takes the tuner step
+        # with the others when the sums are added over ranks
+        if not params and not self._mechanic_joins_others():
             return self._mechanic_base_step(closure, loss)
         known = self._mechanic_known_refs(params)
         if len(known) < len(params) and torch.compiler.is_compiling():
@@ -467,6 +514,7 @@ class Mechanic(torch.optim.Optimizer):
             groups = self._mechanic_groups(params, grads, refs, maximize, new_refs)
             # float64 sums where any parameter is float64 (groups have one dtype each: no loop over params)
             wide = any(grp.params[0].dtype == torch.float64 for grp in groups)
+            wide = wide or (not groups and old.s.dtype == torch.float64)  # nothing here: the tuner's dtype
             self._mechanic_acc_dtype = torch.float64 if wide else torch.float32
             sums, copies = pre(groups, old.s.device)
             # Opt-in: the one host sync per step. Non-finite gradients make ||g||^2 or <d, g> non-finite;
@@ -474,7 +522,8 @@ class Mechanic(torch.optim.Optimizer):
             # skipped on the device, see tuner.step). Nothing new was committed yet, so a skipped step
             # leaves no trace.
             if cfg.skip_nonfinite and not bool(torch.isfinite(sums).all()):
-                if not all(bool(torch.isfinite(g).all()) for g in grads):  # rare: a sync per tensor
+                # summed over ranks, the sums decide alone: every rank must skip alike
+                if self._mechanic_joins_others() or not all(bool(torch.isfinite(g).all()) for g in grads):
                     self.mechanic_skipped_steps += 1
                     return loss
 
@@ -487,6 +536,10 @@ class Mechanic(torch.optim.Optimizer):
         if cfg.log_every > 0:
             self._mechanic_log(entry)
         return loss if closure is not None else result
+
+    def _mechanic_joins_others(self) -> bool:
+        """Whether this optimizer's sums are added over ranks (its steps are collective)."""
+        return self._mechanic_partition_group is not None or any(self._mechanic_domains().values())
 
     @torch._dynamo.disable
     def _mechanic_eager_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
@@ -617,23 +670,41 @@ def _flag_step_called(opt: torch.optim.Optimizer) -> None:
 
 def _unwrap(opt: Any) -> Any:
     """The optimizer inside framework wrappers (accelerate's AcceleratedOptimizer keeps it as
-    `.optimizer`, Lightning's LightningOptimizer as `._optimizer`)."""
+    `.optimizer`, Lightning's LightningOptimizer as `._optimizer`, ZeroRedundancyOptimizer this rank's
+    as `.optim`)."""
     while True:
         attrs = getattr(opt, "__dict__", {})
-        inner = attrs.get("optimizer", attrs.get("_optimizer"))
+        inner = attrs.get("optimizer", attrs.get("_optimizer", attrs.get("optim")))
         if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
             return opt
         opt = inner
 
 
+def _zero_redundancy(wrapper: Any) -> Optional[Any]:
+    """`wrapper` itself, or an optimizer it wraps, if that is a ZeroRedundancyOptimizer."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    while zero is not None and wrapper is not None:
+        if isinstance(wrapper, zero.ZeroRedundancyOptimizer):
+            return wrapper
+        attrs = getattr(wrapper, "__dict__", {})
+        wrapper = attrs.get("optimizer", attrs.get("_optimizer"))
+    return None
+
+
 def _mechanize_instance(
-    wrapper: torch.optim.Optimizer, cfg: MechanicConfig, log_func: Optional[Callable[[Dict[str, Any]], Any]]
+    wrapper: torch.optim.Optimizer,
+    cfg: MechanicConfig,
+    log_func: Optional[Callable[[Dict[str, Any]], Any]],
+    partition_group: Any = None,
 ) -> torch.optim.Optimizer:
     """Mechanize an existing optimizer in place (through framework wrappers), keeping its state:
     Mechanic starts from the current parameters at the next step. Returns what it was given."""
     opt = _unwrap(wrapper)
     if is_mechanized(opt):
         raise TypeError(f"{type(opt).__name__} is already mechanized")
+    zero = _zero_redundancy(wrapper)
+    if zero is not None and partition_group is None:  # each rank's `.optim` holds its partition
+        partition_group = zero.process_group
     # Something may hold the bare step already: after the class changes it would keep running the
     # plain optimizer, and Mechanic would silently take no step.
     holders = [wrapper] if wrapper is not opt else []
@@ -659,6 +730,8 @@ def _mechanize_instance(
     opt.__class__ = mechanize(type(opt), log_func=log_func, **cfg.options())
     if instance_step is not None:
         del opt.step  # the class's (mechanized) step shows through again
+    if partition_group is not None:
+        opt._mechanic_partition_group = _distributed.GroupRef(partition_group)  # type: ignore[attr-defined]
     opt._mechanic_attach()  # type: ignore[attr-defined]
     opt._mechanic_tuner_entry()  # type: ignore[attr-defined]
     opt._patch_step_function()  # so step hooks wrap the mechanized step
@@ -699,7 +772,7 @@ def mechanic_scale(opt: Any) -> Tensor:
 _UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
 
 # One class per (base, options, log_func): an optimizer, its deepcopy and its unpickled copy share it.
-_CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]]], type] = {}
+_CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = {}
 
 
 def mechanize(
@@ -717,12 +790,18 @@ def mechanize(
     compile: bool = False,
     ref_dtype: Optional[str] = None,
     skip_nonfinite: bool = False,
+    partition_group: Any = None,
 ) -> Any:
     """Return a subclass of ``Base`` (a ``torch.optim.Optimizer`` subclass) and of `Mechanic`.
 
     ``optimizer = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)``; see the README for
     every option. Given an optimizer instance (also inside accelerate's or Lightning's wrapper), it is
     mechanized in place and returned.
+
+    ``partition_group``: a process group over which this optimizer's parameters are disjoint parts of
+    one model (pipeline stages, a hand-made partition): the sums are added over it, so every rank gets
+    the scale of the whole model. Sharding that the parameters show (DTensor, FSDP1) and
+    ZeroRedundancyOptimizer are recognised without it.
     """
     cfg = MechanicConfig(
         s_decay=s_decay,
@@ -740,7 +819,7 @@ def mechanize(
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
     if isinstance(Base, torch.optim.Optimizer) or isinstance(_unwrap(Base), torch.optim.Optimizer):
-        return _mechanize_instance(Base, cfg, log_func)
+        return _mechanize_instance(Base, cfg, log_func, partition_group)
     if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
         raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
     if issubclass(Base, Mechanic):
@@ -754,7 +833,7 @@ def mechanize(
                 else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
             )
         )
-    key = (Base, cfg, log_func)
+    key = (Base, cfg, log_func, partition_group)
     cls = _CLASSES.get(key)
     if cls is None:
         base_step, sets_grad_mode = _unwrapped(Base.step)
@@ -767,6 +846,9 @@ def mechanize(
                 "_mechanic_log_func": staticmethod(log_func or _default_log_func),
                 "_mechanic_base_step_fn": staticmethod(base_step),
                 "_mechanic_base_sets_grad_mode": sets_grad_mode,
+                "_mechanic_partition_group": (
+                    None if partition_group is None else _distributed.GroupRef(partition_group)
+                ),
                 "__qualname__": f"Mechanized{Base.__name__}",
                 "__module__": __name__,
             },

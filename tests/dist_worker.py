@@ -1,6 +1,6 @@
 """One rank of the multi-process tests in test_distributed.py / test_dcp.py (gloo on 127.0.0.1).
 
-usage: python dist_worker.py MODE RANK WORLD PORT OUT [BASE CKPT_DIR]
+usage: python dist_worker.py RANK WORLD PORT MODE OUT [BASE CKPT_DIR]
 MODE ddp | fsdp: train STEPS steps; rank 0 writes the parameters, the scale and Mechanic's collectives.
 MODE save: FSDP2, train 10 steps, write a sharded DCP checkpoint to CKPT_DIR/dcp and a full, CPU-offloaded
   state dict to CKPT_DIR/full.pt, then train 10 more (the uninterrupted run) and write the result.
@@ -54,7 +54,7 @@ def count_collectives(model, opt, world: int, rank: int, ddp: bool) -> list:
 
 
 def main() -> None:
-    mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     base, ckpt = (sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else ("adamw", "")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     # a bounded timeout: if the other rank dies, fail instead of waiting for torch's default 30 minutes

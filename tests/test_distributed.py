@@ -24,16 +24,15 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_ranks(mode: str, tmp_path, world: int = 2, extra=(), attempts: int = 3) -> dict:
-    """Run every rank; if one fails, stop the others at once (no waiting on a dead peer) and show all
-    logs. A port taken between choosing it and binding it is retried with a new one."""
-    out = str(tmp_path / f"{mode}-{world}.pt")
+def launch(script: str, world: int, args, attempts: int = 3) -> None:
+    """Run `script RANK WORLD PORT *args` as every rank; if one fails, stop the others at once (no
+    waiting on a dead peer) and show all logs. A port taken between choosing it and binding it is
+    retried with a new one."""
     for attempt in range(attempts):
         port = free_port()
         procs = [
             subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "dist_worker.py"), mode, str(r), str(world), port, out]
-                + list(extra),
+                [sys.executable, os.path.join(HERE, script), str(r), str(world), port, *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
@@ -51,10 +50,16 @@ def run_ranks(mode: str, tmp_path, world: int = 2, extra=(), attempts: int = 3) 
             f"--- rank {r} (exit {p.wait()})\n{p.stdout.read().decode()}" for r, p in enumerate(procs)
         )
         if all(p.returncode == 0 for p in procs):
-            return torch.load(out, weights_only=False)
+            return
         if "address already in use" not in logs.lower() or attempt == attempts - 1:
             raise AssertionError(logs)
-    raise AssertionError("unreachable")
+
+
+def run_ranks(mode: str, tmp_path, world: int = 2, extra=()) -> dict:
+    """dist_worker.py in `mode` on `world` ranks; rank 0's result."""
+    out = str(tmp_path / f"{mode}-{world}.pt")
+    launch("dist_worker.py", world, [mode, out, *extra])
+    return torch.load(out, weights_only=False)
 
 
 def single_process() -> dict:

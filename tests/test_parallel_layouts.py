@@ -1,0 +1,74 @@
+"""One scale for the whole model under every torch parallelism: each layout on 2 or 4 gloo ranks against
+one process training the whole model on the same global batch (float64), after every one of 20 steps:
+every rank's scale, and the full parameters' displacement from their start, within 1e-9 relative."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_layouts import STEPS, reference
+from test_distributed import launch
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+]
+RTOL = 1e-9
+
+# layout -> ranks it runs on (the layouts of one rank count run in one launch, one after another)
+LAYOUTS = {
+    "ddp": 2,
+    "tp": 2,
+    "tp_sequence_parallel": 2,
+    "fsdp2_bias_of_one": 2,
+    "fsdp1_flat": 2,
+    "fsdp1_orig_params": 2,
+    "zero": 2,
+    "zero_naive": 2,
+    "partition": 2,
+    "fsdp2_empty_shards": 4,
+    "fsdp2_tp": 4,
+    "hsdp": 4,
+}
+
+
+@functools.cache
+def _run(world: int, out_dir: str) -> list:
+    names = [name for name, w in LAYOUTS.items() if w == world]
+    launch("dist_layouts.py", world, [out_dir, *names])
+    return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return lambda world: _run(world, str(tmp_path_factory.mktemp(f"layouts{world}")))
+
+
+@functools.cache
+def _reference(out: int) -> dict:
+    return reference(out)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_rank_has_the_scale_and_parameters_of_one_process(layout, results):
+    ranks = [r[layout] for r in results(LAYOUTS[layout])]
+    for rank, got in enumerate(ranks):
+        assert "error" not in got, f"rank {rank}:\n{got['error']}"
+    ref = _reference(1 if layout == "fsdp2_bias_of_one" else 5)
+    assert ref["scale"][-1] > 5e-5  # the tuner moved far from s_init = 1e-6
+    for rank, got in enumerate(ranks):
+        for t in range(STEPS):
+            want = ref["scale"][t]
+            assert abs(got["scale"][t] - want) <= RTOL * want, (rank, t, got["scale"][t], want)
+        for t in range(STEPS):  # parameters: gathered by every rank, checked on every rank
+            assert got["params"][t].keys() == ref["params"][t].keys(), (rank, t)
+            for name, want in ref["params"][t].items():
+                start = ref["init"][name]  # a wrong scale moves parameters by a fraction of their steps
+                assert _rel(got["params"][t][name] - start, want - start) <= RTOL, (rank, t, name)
