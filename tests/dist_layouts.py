@@ -26,8 +26,10 @@ BATCH, SEQ, FEATURES, HIDDEN = 8, 4, 12, 16
 LR, WEIGHT_DECAY = 3e-3, 0.01
 
 
-def make_model(out: int = 5) -> torch.nn.Module:
+def make_model(out: int = 5, hidden: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
+    if not hidden:  # one Linear(12, out)
+        return torch.nn.Sequential(torch.nn.Linear(FEATURES, out)).to(torch.float64)
     model = torch.nn.Sequential(
         torch.nn.LayerNorm(FEATURES),
         torch.nn.Linear(FEATURES, HIDDEN),
@@ -71,9 +73,9 @@ def full_params(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def reference(out: int = 5) -> dict:
+def reference(out: int = 5, hidden: bool = True) -> dict:
     """One process, the whole model and batch."""
-    model = make_model(out)
+    model = make_model(out, hidden)
     opt = make_opt(model.parameters())
     record: dict = {"scale": [], "params": [], "init": full_params(model)}
     for t in range(STEPS):
@@ -114,12 +116,13 @@ def _whole(x, y):
     return x, y
 
 
-def _fsdp2(rank, world, mesh=None, out=5):
+def _fsdp2(rank, world, mesh=None, out=5, hidden=True):
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(out)
-    for layer in (model[0], model[1], model[3]):
-        fully_shard(layer, mesh=mesh)
+    model = make_model(out, hidden)
+    for layer in model:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.LayerNorm)):
+            fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -137,6 +140,11 @@ def layout_fsdp2_empty_shards(rank, world):
 
 def layout_fsdp2_bias_of_one(rank, world):
     model = _fsdp2(rank, world, out=1)  # the output bias has one element: rank 1's shard is empty
+    return _train(model, make_opt(model.parameters()), _slice(rank, world), lambda: full_params(model), 1)
+
+
+def layout_fsdp2_rank_holds_nothing(rank, world):
+    model = _fsdp2(rank, world, out=1, hidden=False)  # Linear(12, 1): rank 1's shards are all empty
     return _train(model, make_opt(model.parameters()), _slice(rank, world), lambda: full_params(model), 1)
 
 
@@ -182,22 +190,63 @@ def layout_tp_sequence_parallel(rank, world):
     return _train(model, opt, sequence_piece, lambda: full_params(model), 5, summed=True)
 
 
-def layout_fsdp2_tp(rank, world):
+def _fsdp2_tp(world):
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     model = parallelize_module(make_model(), mesh["tp"], _tp_plan(False))
-    from torch.distributed.fsdp import fully_shard
-
     for layer in (model[0], model[1], model[3]):
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
-    dp_rank = mesh["dp"].get_local_rank()
+    return model, mesh["dp"].get_local_rank()
+
+
+def layout_fsdp2_tp(rank, world):
+    model, dp_rank = _fsdp2_tp(world)
     return _train(model, make_opt(model.parameters()), _slice(dp_rank, 2), lambda: full_params(model), 5)
 
 
-def _fsdp1(rank, world, use_orig_params: bool):
+def layout_fsdp2_tp_dcp(rank, world):
+    """2-D FSDP2 x TP through torch.distributed.checkpoint: saved after 10 steps, loaded into fresh
+    objects the documented way, 10 more steps equal the uninterrupted run bit for bit."""
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def train(model, opt, dp_rank, start, stop):
+        for t in range(start, stop):
+            x, y = batch(t, 5)
+            x, y = _slice(dp_rank, 2)(x, y)
+            opt.zero_grad()
+            loss_of(model(x), y, y.numel()).backward()
+            opt.step()
+
+    path = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(path)
+    model, dp_rank = _fsdp2_tp(world)
+    opt = make_opt(model.parameters())
+    train(model, opt, dp_rank, 0, 10)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path[0])
+    train(model, opt, dp_rank, 10, 20)
+
+    model2, _ = _fsdp2_tp(world)
+    opt2 = make_opt(model2.parameters())
+    model_sd, optim_sd = get_state_dict(model2, opt2)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path[0])
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model2, opt2, dp_rank, 10, 20)
+    return {
+        "uninterrupted": {"scale": opt.mechanic_scale.item(), "params": full_params(model)},
+        "resumed": {"scale": opt2.mechanic_scale.item(), "params": full_params(model2)},
+    }
+
+
+def _fsdp1(rank, world, use_orig_params: bool, **options):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -206,6 +255,7 @@ def _fsdp1(rank, world, use_orig_params: bool):
         device_id=torch.device("cpu"),
         use_orig_params=use_orig_params,
         auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+        **options,
     )
     opt = make_opt(model.parameters())
 
@@ -222,6 +272,16 @@ def layout_fsdp1_flat(rank, world):
 
 def layout_fsdp1_orig_params(rank, world):
     return _fsdp1(rank, world, use_orig_params=True)
+
+
+def layout_fsdp1_hybrid(rank, world):
+    """HYBRID_SHARD: sharded within a node (2 ranks), replicated across nodes; the sums are partial over
+    the shard group only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import ShardingStrategy
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    return _fsdp1(rank, world, False, sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=mesh)
 
 
 def _zero(rank, world, naive: bool):

@@ -29,15 +29,20 @@ LAYOUTS = {
     "zero": 2,
     "zero_naive": 2,
     "partition": 2,
+    "fsdp2_rank_holds_nothing": 2,
     "fsdp2_empty_shards": 4,
     "fsdp2_tp": 4,
     "hsdp": 4,
+    "fsdp1_hybrid": 4,
 }
+# the model each layout trains, as reference()'s arguments (out, hidden); the 12-16-5 MLP otherwise
+MODELS = {"fsdp2_bias_of_one": (1, True), "fsdp2_rank_holds_nothing": (1, False)}
+CHECKPOINT_LAYOUTS = {"fsdp2_tp_dcp": 4}
 
 
 @functools.cache
 def _run(world: int, out_dir: str) -> list:
-    names = [name for name, w in LAYOUTS.items() if w == world]
+    names = [name for name, w in {**LAYOUTS, **CHECKPOINT_LAYOUTS}.items() if w == world]
     launch("dist_layouts.py", world, [out_dir, *names])
     return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -48,8 +53,8 @@ def results(tmp_path_factory):
 
 
 @functools.cache
-def _reference(out: int) -> dict:
-    return reference(out)
+def _reference(model: tuple) -> dict:
+    return reference(*model)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +66,7 @@ def test_every_rank_has_the_scale_and_parameters_of_one_process(layout, results)
     ranks = [r[layout] for r in results(LAYOUTS[layout])]
     for rank, got in enumerate(ranks):
         assert "error" not in got, f"rank {rank}:\n{got['error']}"
-    ref = _reference(1 if layout == "fsdp2_bias_of_one" else 5)
+    ref = _reference(MODELS.get(layout, (5, True)))
     assert ref["scale"][-1] > 5e-5  # the tuner moved far from s_init = 1e-6
     for rank, got in enumerate(ranks):
         for t in range(STEPS):
@@ -72,3 +77,13 @@ def test_every_rank_has_the_scale_and_parameters_of_one_process(layout, results)
             for name, want in ref["params"][t].items():
                 start = ref["init"][name]  # a wrong scale moves parameters by a fraction of their steps
                 assert _rel(got["params"][t][name] - start, want - start) <= RTOL, (rank, t, name)
+
+
+@pytest.mark.parametrize("layout", list(CHECKPOINT_LAYOUTS))
+def test_dcp_checkpoint_resumes_bit_identically(layout, results):
+    for rank, got in enumerate(r[layout] for r in results(CHECKPOINT_LAYOUTS[layout])):
+        assert "error" not in got, f"rank {rank}:\n{got['error']}"
+        want, resumed = got["uninterrupted"], got["resumed"]
+        assert want["scale"] > 5e-5 and resumed["scale"] == want["scale"], (rank, resumed, want)
+        for name, value in want["params"].items():
+            assert torch.equal(resumed["params"][name], value), (rank, name)
