@@ -87,3 +87,56 @@ def test_dcp_checkpoint_resumes_bit_identically(layout, results):
         assert want["scale"] > 5e-5 and resumed["scale"] == want["scale"], (rank, resumed, want)
         for name, value in want["params"].items():
             assert torch.equal(resumed["params"][name], value), (rank, name)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A process group of one rank in this process, for the API's own checks."""
+    import os
+    from unittest import mock
+
+    from test_distributed import free_port
+
+    with mock.patch.dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+def test_a_partition_group_is_shared_by_deepcopy_and_refused_by_pickle(one_rank_group):
+    import copy
+    import pickle
+
+    from mechanic_fast import mechanize
+
+    model = torch.nn.Linear(4, 2)
+    opt = mechanize(torch.optim.AdamW, partition_group=one_rank_group)(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin._mechanic_partition_group.group is one_rank_group
+    twin.step()
+    with pytest.raises(TypeError, match="partition_group cannot be pickled.*state_dict"):
+        pickle.dumps(opt)
+    restored = mechanize(torch.optim.AdamW, partition_group=one_rank_group)(model.parameters(), lr=1e-2)
+    restored.load_state_dict(opt.state_dict())  # the documented way across processes
+    assert torch.equal(restored.mechanic_scale, opt.mechanic_scale)
+
+
+def test_zero_redundancy_optimizer_is_reached_through_either_route(one_rank_group):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from mechanic_fast import is_mechanized, mechanic_scale, mechanize
+
+    model = torch.nn.Linear(4, 2)
+    documented = mechanize(
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+    )
+    naive = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mechanize(torch.optim.SGD), lr=0.1)
+    for zero in (documented, naive):
+        assert is_mechanized(zero) and zero.optim._mechanic_partition_group.group is zero.process_group
+        assert mechanic_scale(zero).shape == ()
+    with pytest.raises(TypeError, match="already mechanized"):
+        mechanize(documented)
