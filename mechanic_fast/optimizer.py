@@ -114,8 +114,11 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_run_cfg: Optional[MechanicConfig] = None
         # the last step's groups without gradients, keyed by the parameters (ids) and maximize flags
         self._mechanic_layout: Optional[Tuple[Tuple[Any, ...], List[_Group]]] = None
-        # every parameter's reduction domain, keyed by the optimizer's parameters (ids)
-        self._mechanic_domain_cache: Optional[Tuple[Tuple[int, ...], Dict[int, _distributed.Domain]]] = None
+        # every parameter's reduction domain and the distinct non-empty ones in order, keyed by the
+        # optimizer's parameters (ids)
+        self._mechanic_domain_cache: Optional[
+            Tuple[Tuple[int, ...], Dict[int, _distributed.Domain], List[_distributed.Domain]]
+        ] = None
 
     # ------------------------------------------------------------------------- copy and pickle
     def __getstate__(self) -> Dict[str, Any]:
@@ -227,20 +230,22 @@ class Mechanic(torch.optim.Optimizer):
                 maximize.append(maximizes)
         return params, grads, maximize
 
-    def _mechanic_domains(self) -> Dict[int, _distributed.Domain]:
-        """Every parameter's reduction domain (`_distributed.domain`), in the optimizer's order, with or
-        without a gradient: a rank whose piece of a parameter is empty, or has no gradient, still joins
-        the collectives of its domain, in the order the other ranks issue them."""
+    def _mechanic_domains(self) -> Tuple[Dict[int, _distributed.Domain], List[_distributed.Domain]]:
+        """Every parameter's reduction domain (`_distributed.domain`), with or without a gradient, and
+        the distinct non-empty domains in the optimizer's parameter order: a rank whose piece of a
+        parameter is empty, or has no gradient, still joins the collectives of its domain, in the
+        order the other ranks issue them."""
         params = self._mechanic_params()
         key = tuple(map(id, params))
         cache = self._mechanic_domain_cache
         if cache is not None and cache[0] == key:
-            return cache[1]
+            return cache[1], cache[2]
         fsdp1 = _distributed.fsdp1_domains(params)
         domains = {id(p): _distributed.domain(p, fsdp1) for p in params}
+        ordered = [d for d in dict.fromkeys(domains.values()) if d]
         if not torch.compiler.is_compiling():
-            self._mechanic_domain_cache = (key, domains)
-        return domains
+            self._mechanic_domain_cache = (key, domains, ordered)
+        return domains, ordered
 
     def _mechanic_lr_is_zero(self) -> bool:
         """Every group's lr is 0 (read on the host: a Python number, or a CPU tensor in eager mode).
@@ -347,7 +352,7 @@ class Mechanic(torch.optim.Optimizer):
         sharded = any(_distributed.is_dtensor(p) for p in params)
         to_1d = _local_1d if sharded else _as_1d
         tiled = list if compiling else _foreach.Tiled  # the flat views it finds are eager-only
-        domains = self._mechanic_domains()
+        domains, _ = self._mechanic_domains()
         buckets: Dict[Tuple[Any, ...], List[int]] = {}
         for i, p in enumerate(params):
             local = _distributed.local(p) if sharded else p
@@ -383,10 +388,7 @@ class Mechanic(torch.optim.Optimizer):
         FSDP2), never one per tensor, then one over the partition group if there is one. Every domain of
         the optimizer joins, with zeros where this rank holds nothing of it, so that all ranks issue the
         same collectives in the same order."""
-        by_domain: Dict[Tuple[Any, ...], List[Tensor]] = {}
-        for reduce_over in dict.fromkeys(self._mechanic_domains().values()):
-            if reduce_over:
-                by_domain[reduce_over] = []
+        by_domain: Dict[Tuple[Any, ...], List[Tensor]] = {d: [] for d in self._mechanic_domains()[1]}
         for sums, reduce_over in parts:
             by_domain.setdefault(reduce_over, []).append(sums.to(device, non_blocking=True))
         totals = []
@@ -539,7 +541,7 @@ class Mechanic(torch.optim.Optimizer):
 
     def _mechanic_joins_others(self) -> bool:
         """Whether this optimizer's sums are added over ranks (its steps are collective)."""
-        return self._mechanic_partition_group is not None or any(self._mechanic_domains().values())
+        return self._mechanic_partition_group is not None or bool(self._mechanic_domains()[1])
 
     @torch._dynamo.disable
     def _mechanic_eager_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
