@@ -421,13 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mechanic-fast", description="Mechanic learning-rate tuner: demonstration and benchmarks."
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mechanic-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
         "demo",
         help="train on real data: how much the base lr matters with and without Mechanic",
         description="Train a next-byte model on the source code of Python's standard library with plain "
-        "and mechanized AdamW (and SGD with momentum, with --bases adamw,sgd) at base learning rates "
+        "and mechanized AdamW and SGD with momentum (--bases chooses) at base learning rates "
         "spread over six orders of magnitude, plus the plain optimizer at its tuned lr; print the final "
         "validation losses side by side and the spread of each over the lr range.",
     )

@@ -19,10 +19,11 @@ import dataclasses
 import functools
 import logging
 import sys
+import warnings
 import weakref
 from collections import OrderedDict
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -777,6 +778,49 @@ _UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
 _CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = {}
 
 
+OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
+
+
+@overload
+def mechanize(
+    Base: Type[OptimizerT],
+    s_decay: float = ...,
+    betas: Sequence[float] = ...,
+    s_init: Optional[float] = ...,
+    eps: float = ...,
+    store_delta: Optional[bool] = ...,
+    log_func: Optional[Callable[[Dict[str, Any]], Any]] = ...,
+    log_every: int = ...,
+    *,
+    variant: str = ...,
+    backend: str = ...,
+    compile: bool = ...,
+    ref_dtype: Optional[str] = ...,
+    skip_nonfinite: bool = ...,
+    partition_group: Any = ...,
+) -> Type[OptimizerT]: ...
+
+
+@overload
+def mechanize(
+    Base: OptimizerT,
+    s_decay: float = ...,
+    betas: Sequence[float] = ...,
+    s_init: Optional[float] = ...,
+    eps: float = ...,
+    store_delta: Optional[bool] = ...,
+    log_func: Optional[Callable[[Dict[str, Any]], Any]] = ...,
+    log_every: int = ...,
+    *,
+    variant: str = ...,
+    backend: str = ...,
+    compile: bool = ...,
+    ref_dtype: Optional[str] = ...,
+    skip_nonfinite: bool = ...,
+    partition_group: Any = ...,
+) -> OptimizerT: ...
+
+
 def mechanize(
     Base: Any,
     s_decay: float = 0.01,
@@ -794,16 +838,49 @@ def mechanize(
     skip_nonfinite: bool = False,
     partition_group: Any = None,
 ) -> Any:
-    """Return a subclass of ``Base`` (a ``torch.optim.Optimizer`` subclass) and of `Mechanic`.
+    """Wrap a torch optimizer in the Mechanic learning-rate tuner.
 
-    ``optimizer = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)``; see the README for
-    every option. Given an optimizer instance (also inside accelerate's or Lightning's wrapper), it is
-    mechanized in place and returned.
+    ``mechanize(torch.optim.AdamW)`` returns a subclass of AdamW (and of `Mechanic`) used exactly like
+    AdamW: ``opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)``. Every step runs the base
+    optimizer, then rescales its update by a learned scale S: the parameters become
+    ``x_ref + S * Delta``, where ``x_ref`` are the parameters at the first step and ``Delta`` the sum of
+    the base's updates. The effective learning rate of a group is ``S * group["lr"]``
+    (`mechanic_scale`). Given an optimizer instance instead of a class (also inside accelerate's,
+    Lightning's or ZeroRedundancyOptimizer's wrapper), it is mechanized in place, keeps its state, and
+    is returned.
 
-    ``partition_group``: a process group over which this optimizer's parameters are disjoint parts of
-    one model (pipeline stages, a hand-made partition): the sums are added over it, so every rank gets
-    the scale of the whole model. Sharding that the parameters show (DTensor, FSDP1) and
-    ZeroRedundancyOptimizer are recognised without it.
+    Args:
+        Base: a ``torch.optim.Optimizer`` subclass, or an optimizer instance.
+        s_decay: lambda in the paper, the weight of the ``lambda * S * ||g|| / ||x|| * x`` term that
+            Mechanic adds to the gradient in its inner product; 0 turns it off.
+        betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
+            their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
+            Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
+        s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch).
+        eps: floor of the tuner's divisions.
+        store_delta: keep Delta as state (True) or recompute it as (x - x_ref) / S (False). None decides
+            from the parameters: kept unless every x_ref is float64 (recomputed in float32 it can be lost
+            to rounding while S is small, and then S never grows).
+        log_func, log_every: call ``log_func({"iter_count": int, "s": float})`` every ``log_every``
+            steps (default: the ``mechanic_fast`` logger); only logging steps sync with the host.
+        variant: ``"paper"`` (the math of optax.contrib.mechanize) or ``"mechanic_pytorch"`` (that of
+            the mechanic-pytorch package, to float rounding).
+        backend: ``"foreach"`` (torch multi-tensor ops), ``"triton"`` (Triton kernels; raises where they
+            cannot run) or ``"auto"`` (Triton on CUDA when it imports, else foreach).
+        compile: compile Mechanic's own work with ``torch.compile(fullgraph=True)``.
+        ref_dtype: ``"float32"`` keeps x_ref and Delta in float32 for bfloat16/float16 parameters.
+        skip_nonfinite: skip (and count in ``opt.mechanic_skipped_steps``) a step whose gradients hold
+            NaN/Inf, at the cost of one host sync per step.
+        partition_group: a process group over which this optimizer's parameters are disjoint parts of one
+            model (pipeline stages, a hand-made partition): the sums are added over it. DDP, FSDP1/2,
+            tensor/sequence parallel and ZeroRedundancyOptimizer are recognised without it.
+
+    Returns:
+        The mechanized class, or the given instance, mechanized.
+
+    Raises:
+        TypeError: ``Base`` is not an optimizer, is mechanized already, or cannot be (LBFGS, SparseAdam).
+        ValueError: an option is out of range.
     """
     cfg = MechanicConfig(
         s_decay=s_decay,
@@ -820,6 +897,15 @@ def mechanize(
     )
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
+    if len(cfg.betas) == 2 and cfg.betas[0] < cfg.betas[1]:
+        warnings.warn(
+            f"mechanize(betas={cfg.betas}) looks like an Adam (beta1, beta2) pair, but these are "
+            "Mechanic's betas: one tuner per value, whose scales are summed (default 6 values 1 - 10^-i). "
+            "Adam's betas go to the base optimizer: mechanize(torch.optim.AdamW)(params, betas=(0.9, "
+            "0.999)). Keep these if two tuners are what you meant.",
+            UserWarning,
+            stacklevel=2,
+        )
     if isinstance(Base, torch.optim.Optimizer) or isinstance(_unwrap(Base), torch.optim.Optimizer):
         return _mechanize_instance(Base, cfg, log_func, partition_group)
     if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
