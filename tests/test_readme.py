@@ -1,4 +1,5 @@
-"""Every Python snippet in the README runs, and CI runs the README's test command."""
+"""Every Python snippet in the README and docs/ runs, CI runs the README's test command, and the pages
+speak to users (no development history)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SNIPPETS = re.findall(r"^( *)```python\n(.*?)^\1```", README, flags=re.S | re.M)
+PAGES = {
+    "README.md": README,
+    **{f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))},
+}
+SNIPPETS = [
+    (page, i, indent, code)
+    for page, text in PAGES.items()
+    for i, (indent, code) in enumerate(re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M))
+]
 
 
-def test_readme_has_snippets():
-    assert len(SNIPPETS) >= 6
+def test_pages_have_snippets():
+    assert sum(page == "README.md" for page, *_ in SNIPPETS) >= 2
+    assert len(SNIPPETS) >= 10
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(index, tmp_path, monkeypatch):
-    indent, code = SNIPPETS[index]
+@pytest.mark.parametrize("page, index, indent, code", SNIPPETS, ids=[f"{p}-{i}" for p, i, *_ in SNIPPETS])
+def test_snippet_runs(page, index, indent, code, tmp_path, monkeypatch):
     code = "\n".join(line[len(indent) :] for line in code.splitlines())
     monkeypatch.chdir(tmp_path)  # snippets that write files (checkpoints, TensorBoard logs) write here
     with mock.patch.dict(os.environ):  # what a snippet sets (MASTER_ADDR, ...) ends with it
-        exec(compile(code, f"README.md snippet {index}", "exec"), {"__name__": f"readme_{index}"})
+        exec(compile(code, f"{page} snippet {index}", "exec"), {"__name__": f"snippet_{index}"})
 
 
 def test_ci_runs_the_readme_test_command():
@@ -32,3 +41,24 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c.strip() for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
     assert os.access(ROOT / ".ci" / "run", os.R_OK)
+
+
+def test_readme_is_short_and_its_links_lead_somewhere():
+    assert len(README.splitlines()) <= 250
+    for page, text in PAGES.items():
+        base = (ROOT / page).parent
+        for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))(?:#[^)]*)?\)", text):
+            assert (base / target).is_file(), (page, target)
+
+
+# development history belongs in commit messages: rounds, sessions, commit hashes, "this run"
+HISTORY = re.compile(
+    r"\bround [0-9]\b|\bround 1's\b|\bthis round\b|\bsessions?\b|\bthis run\b|\bwork period|"
+    r"\bcommit [0-9a-f]{7}\b|\bat [0-9a-f]{7}\b|\breference machine\b|\bearlier machine\b",
+    re.I,
+)
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_pages_tell_no_development_history(page):
+    assert not HISTORY.findall(PAGES[page]), HISTORY.findall(PAGES[page])
