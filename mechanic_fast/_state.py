@@ -36,7 +36,6 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
-LEGACY_KEY = "mechanic"  # round 1 kept everything under a top-level state-dict key
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 
 # per-parameter state of torch.optim optimizers that always has the parameter's shape
@@ -104,15 +103,14 @@ def parse(
     """Validate `state_dict` against `opt` and split it into (what torch's own `load_state_dict` should
     load, Mechanic's per-parameter tensors ready to install, the tuner entry or None).
 
-    Accepted: our layout, round 1's layout (a top-level "mechanic" key, migrated), and a plain
-    base-optimizer checkpoint (Mechanic then starts afresh). Parameter ids are matched as torch matches
-    them (in order, whatever they are); non-parameter keys of `state` pass through as in torch.
+    Accepted: our layout, and a plain base-optimizer checkpoint (Mechanic then starts afresh). Parameter
+    ids are matched as torch matches them (in order, whatever they are); non-parameter keys of `state`
+    pass through as in torch.
     Raises ValueError naming the problem; nothing of `opt` is touched.
     """
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups'")
     sd = dict(state_dict)
-    legacy = sd.pop(LEGACY_KEY, None)
     groups = [dict(g) for g in sd["param_groups"]]
     state = dict(sd["state"])
     if MECHANIC_PYTORCH_KEY in state:
@@ -123,8 +121,6 @@ def parse(
         )
     id_map = _id_map(opt, groups)
     entry = groups[0].pop(TUNER_KEY, None) if groups else None
-    if legacy is not None:
-        entry, state = _migrate_round1(legacy, state, id_map, entry)
     per_param: Dict[Tensor, Dict[str, Tensor]] = {}
     for key, value in list(state.items()):
         param = id_map.get(key)
@@ -170,31 +166,6 @@ def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> D
             )
         id_map.update(zip(saved["params"], group["params"]))
     return id_map
-
-
-def _migrate_round1(
-    legacy: Dict[str, Any], state: Dict[Any, Any], id_map: Dict[Any, Tensor], entry: Any
-) -> Tuple[Dict[str, Any], Dict[Any, Any]]:
-    """Round 1 kept x_ref/Delta keyed by parameter position (0..n-1, torch's numbering at save time)
-    and the tuner beside them, under a top-level "mechanic" key."""
-    if entry is not None:
-        raise ValueError("checkpoint has Mechanic state both under 'mechanic' and in param_groups[0]")
-    if "s" not in legacy:
-        return None, state  # saved before the first step: nothing to carry over
-    ids = list(id_map)
-    state = {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}
-    for name, key in (("x_ref", X_REF), ("delta", DELTA)):
-        for i, t in legacy.get(name, {}).items():
-            if not 0 <= int(i) < len(ids):
-                raise ValueError(
-                    f"checkpoint has Mechanic {name} for parameter {i}, but this optimizer has only "
-                    f"{len(ids)} parameters"
-                )
-            state.setdefault(ids[int(i)], {})[key] = t
-    entry = {name: legacy[name] for name in tuner.TunerState._fields}
-    entry["step"] = legacy["count"]
-    entry.update({k: legacy[k] for k in ("variant", "betas", "store_delta") if k in legacy})
-    return entry, state
 
 
 def _parse_tuner(

@@ -565,7 +565,7 @@ class Mechanic(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a mechanized checkpoint (also round 1's layout), or a plain base-optimizer one (Mechanic
+        """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic
         then starts afresh from the current parameters at the next step).
 
         torch's contract holds: load-state-dict pre-hooks run first and may replace the checkpoint, post

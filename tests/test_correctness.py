@@ -1,6 +1,6 @@
 """Models and options torch's optimizers accept (issue 9): maximize, 0-d and empty parameters, mixed
 dtypes with ref_dtype='float32', eps=0, differentiable=True, the float32 rounding stall, overflow, layers
-frozen mid-run. Each test failed on round 1's main."""
+frozen mid-run. Each test guards against a bug a plain implementation has."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_maximize_of_minus_f_equals_minimizing_f(Base):
     Opt = mechanize(Base)
     w_min, opt_min = _quadratic_run(Opt, False, lr=1e-2)
     w_max, opt_max = _quadratic_run(Opt, True, lr=1e-2)
-    assert opt_min.mechanic_scale > 1e-4  # the scale grew (round 1: it collapsed under maximize)
+    assert opt_min.mechanic_scale > 1e-4  # the scale grew (it collapses if h ignores maximize)
     assert torch.equal(opt_min.mechanic_scale, opt_max.mechanic_scale)
     assert torch.equal(w_min, w_max)
 
@@ -111,7 +111,8 @@ def _least_squares(Opt, steps, seed=0, **kwargs):
 def test_default_float32_run_leaves_the_initial_scale(Base, lr):
     w, start, scales, losses, opt = _least_squares(mechanize(Base), 200, lr=lr)
     assert all("mechanic_delta" in s for s in opt.state.values())  # the default keeps Delta in float32
-    assert scales[-1] > 1e3 * 1e-6, scales[-1]  # S left s_init = 1e-6 (round 1: exactly 1e-6 forever)
+    # S left s_init = 1e-6 (with Delta recomputed it stays exactly 1e-6 forever)
+    assert scales[-1] > 1e3 * 1e-6, scales[-1]
     assert not torch.equal(w, start)
     assert losses[-1] < 0.5 * losses[0]
 
@@ -160,7 +161,7 @@ def test_digits_mlp_trains_at_base_lr_1e_6():
     bare, _ = train(torch.optim.AdamW)
     losses, all_moved = train(mechanize(torch.optim.AdamW))
     assert bare[-1] > 0.99 * bare[0]  # the untuned lr barely moves the loss
-    # round 1: not one element moved in 20,000 steps
+    # with Delta recomputed from float32 weights, not one element moves in 20,000 steps
     assert all_moved
     assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
 

@@ -112,7 +112,7 @@ def test_progress(info, dtype, kwargs):
     _train(opt, problem, params, 60, sign=-1.0 if kwargs.get("maximize") else 1.0)
     end = problem.loss(params).item()
     assert end < start, (start, end)
-    assert opt.mechanic_scale > 1e-4  # the scale grew from s_init = 1e-6 (round 1 stalled in float32)
+    assert opt.mechanic_scale > 1e-4  # the scale grew from s_init = 1e-6 (Delta recomputed in float32 stalls)
 
 
 @pytest.mark.parametrize("info,dtype,kwargs", CASES)
