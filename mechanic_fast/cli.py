@@ -189,13 +189,18 @@ def demo(args: argparse.Namespace) -> int:
         else:
             runs.append(run)
     progress.close()
+    # The reference is the best plain run made here, at these settings: the lr tuned at the default
+    # settings need not be the best at others (fewer steps, another batch size).
+    extra, tuned = tuned, {}
     for base in bases:
-        if base.label not in tuned:
-            lr = args.baseline_lr or base.tuned_lr
-            run = next(
-                r for r in runs if r["base"] == base.label and r["base_lr"] == lr and not r["mechanized"]
-            )
-            tuned[base.label] = {**run, "optimizer": run["optimizer"] + " (tuned)"}
+        plain = [r for r in runs if r["base"] == base.label and not r["mechanized"]]
+        plain += [extra[base.label]] if base.label in extra else []
+        best = min(plain, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+        tuned[base.label] = {
+            **best,
+            "optimizer": f"{base.label} (best plain)",
+            "chosen_from": sorted({r["base_lr"] for r in plain}),
+        }
     for base in bases:
         print(results_table([r for r in runs if r["base"] == base.label], tuned[base.label]))
         print()
@@ -239,7 +244,7 @@ def results_table(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
             f"| {lr:g} | {_loss(plain['val_loss'])} | {_loss(mech['val_loss'])} | {mech['scale']:.3g} "
             f"| {mech['effective_lr']:.3g} |"
         )
-    lines.append(f"| tuned: {tuned['base_lr']:g} | {_loss(tuned['val_loss'])} | | | |")
+    lines.append(f"| best plain: {tuned['base_lr']:g} | {_loss(tuned['val_loss'])} | | | |")
     return "\n".join(lines)
 
 
@@ -259,8 +264,10 @@ def conclusion(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
     plain = [r for r in runs if not r["mechanized"]]
     mech = [r for r in runs if r["mechanized"]]
     best = min((r for r in mech if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"], default=None)
+    chosen = ", ".join(f"{lr:g}" for lr in tuned["chosen_from"])
     gap = f"; the best mechanized run ({best['val_loss']:.3f} at lr {best['base_lr']:g}) is " + (
-        f"{best['val_loss'] - tuned['val_loss']:+.3f} from tuned {label} ({tuned['val_loss']:.3f})"
+        f"{best['val_loss'] - tuned['val_loss']:+.3f} from the best plain {label} run "
+        f"({tuned['val_loss']:.3f} at lr {tuned['base_lr']:g}, the best of lrs {chosen})"
         if best
         else ""
     )
@@ -270,52 +277,95 @@ def conclusion(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
     )
 
 
+BASE_COLORS = {"AdamW": ("C0", "Blues"), "SGD": ("C1", "Oranges")}
+
+
+def plot_series(runs: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """What the demo plot draws, as data: one entry per line, with its panel, label and style.
+
+    Left panel: final loss against base lr, one colour per base (plain dashed, mechanized solid), the
+    base's best plain run as a dotted line in its colour, and diverged runs as an x at the top. One
+    panel per base on the right: the effective lr S * lr over the steps, one shade per base lr."""
+    series = []
+    for ref in references:
+        label = ref["base"]
+        color, shades = BASE_COLORS.get(label, ("C2", "Greens"))
+        for mechanized in (False, True):
+            mine = sorted(
+                (r for r in runs if r["base"] == label and r["mechanized"] == mechanized),
+                key=lambda r: r["base_lr"],
+            )
+            finite = [r for r in mine if math.isfinite(r["val_loss"])]
+            series.append(
+                {
+                    "panel": "loss",
+                    "label": f"{'mechanized ' if mechanized else 'plain '}{label}",
+                    "color": color,
+                    "style": "s-" if mechanized else "o--",
+                    "x": [r["base_lr"] for r in finite],
+                    "y": [r["val_loss"] for r in finite],
+                    "diverged": [r["base_lr"] for r in mine if not math.isfinite(r["val_loss"])],
+                }
+            )
+        series.append(
+            {
+                "panel": "loss",
+                "label": f"best plain {label} (lr {ref['base_lr']:g})",
+                "color": color,
+                "style": "hline",
+                "y": [ref["val_loss"]],
+            }
+        )
+        mech = sorted((r for r in runs if r["base"] == label and r["mechanized"]), key=lambda r: r["base_lr"])
+        for i, r in enumerate(mech):
+            series.append(
+                {
+                    "panel": f"effective lr: mechanized {label}",
+                    "label": f"{r['base_lr']:g}",
+                    "shades": (shades, 0.35 + 0.65 * i / max(1, len(mech) - 1)),
+                    "style": "-",
+                    "x": list(range(1, len(r["scale_curve"]) + 1)),
+                    "y": [s * r["base_lr"] for s in r["scale_curve"]],
+                }
+            )
+    return series
+
+
 def plot_runs(runs: Sequence[Dict[str, Any]], tuned: Sequence[Dict[str, Any]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_scale) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = iter(["C0", "C1", "C2", "C3"])
-    for reference in tuned:
-        for mechanized in (False, True):
-            mine = sorted(
-                (r for r in runs if r["base"] == reference["base"] and r["mechanized"] == mechanized),
-                key=lambda r: r["base_lr"],
-            )
-            color = next(styles)
-            ax_loss.plot(
-                [r["base_lr"] for r in mine],
-                [r["val_loss"] for r in mine],
-                "o-",
-                color=color,
-                label=f"{'mechanized ' if mechanized else ''}{reference['base']}",
-            )
-        ax_loss.axhline(
-            reference["val_loss"],
-            linestyle="--",
-            color="gray",
-            label=f"{reference['base']} tuned (lr {reference['base_lr']:g})",
-        )
-    ax_loss.set(
+    series = plot_series(runs, tuned)
+    panels = list(dict.fromkeys(s["panel"] for s in series))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
+    ax_of = dict(zip(panels, axes[0]))
+    finite = [y for s in series if s["panel"] == "loss" for y in s["y"] if math.isfinite(y)]
+    top = max(finite) * 1.05 if finite else 1.0
+    for s in series:
+        ax = ax_of[s["panel"]]
+        if s["style"] == "hline":
+            ax.axhline(s["y"][0], linestyle=":", linewidth=2, color=s["color"], label=s["label"])
+            continue
+        color = plt.get_cmap(s["shades"][0])(s["shades"][1]) if "shades" in s else s["color"]
+        ax.plot(s["x"], s["y"], s["style"], color=color, label=s["label"])
+        if s.get("diverged"):
+            ax.plot(s["diverged"], [top] * len(s["diverged"]), "x", color=color, markersize=10, mew=2)
+            for lr in s["diverged"]:
+                ax.annotate("diverged", (lr, top), textcoords="offset points", xytext=(0, -14), ha="center")
+    ax_of["loss"].set(
         xscale="log",
         xlabel="base learning rate",
         ylabel="final validation loss",
         title="Final loss vs base lr",
     )
-    mech = [r for r in runs if r["mechanized"]]
-    colors = plt.cm.viridis([i / max(1, len(mech) - 1) for i in range(len(mech))])
-    for r, color in zip(mech, colors):
-        ax_scale.plot(r["scale_curve"], color=color, label=f"{r['optimizer']}, lr={r['base_lr']:g}")
-    ax_scale.set(
-        xlabel="step",
-        ylabel="learned scale S",
-        yscale="log",
-        title="Mechanic's scale (effective lr = S * lr)",
-    )
-    ax_loss.legend(fontsize=7)
-    ax_scale.legend(fontsize=6)
+    ax_of["loss"].legend(fontsize=7, loc="upper center")
+    for panel in panels[1:]:
+        ax_of[panel].set(
+            xlabel="step", ylabel="effective lr = S × base lr", yscale="log", title=panel.split(": ")[1]
+        )
+        ax_of[panel].legend(fontsize=7, loc="lower right", title="base lr given", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -432,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a next-byte model on the source code of Python's standard library with plain "
         "and mechanized AdamW and SGD with momentum (--bases chooses) at base learning rates "
         "spread over six orders of magnitude, plus the plain optimizer at its tuned lr; print the final "
-        "validation losses side by side and the spread of each over the lr range.",
+        "validation losses side by side, the spread of each over the lr range, and the gap to the best plain "
+        "run made (the grid, plus one run at a pre-tuned lr).",
     )
     d.add_argument(
         "--lrs",
@@ -450,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-lr",
         type=_positive_float,
         default=None,
-        help="lr of the plain optimizer's tuned reference run (default: the best of a grid measured on "
+        help="one more plain run at this lr, a candidate for the best plain run the others are compared "
+        "with (default: the best of a grid at the default settings: "
         + ", ".join(f"{b.label} {b.tuned_lr:g}" for b in BASES.values())
         + ")",
     )
@@ -471,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--quick",
         action="store_true",
-        help=f"3 learning rates ({QUICK_LRS}) and at most {QUICK_STEPS} steps: about 10 s",
+        help=f"3 learning rates ({QUICK_LRS}) and at most {QUICK_STEPS} steps",
     )
     d.add_argument("--plot", help="write final loss vs base lr and the learned scales to this .png file")
     d.add_argument("--json", help="write the results (per-step losses and scales) to this .json file")

@@ -41,7 +41,17 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
         lines = result.stdout.splitlines()
         start = lines.index(header)
         rows = [line for line in lines[start + 2 :] if line.startswith("| ")][:4]
-        assert [r.split("|")[1].strip() for r in rows] == ["1e-05", "0.001", "0.1", f"tuned: {_tuned(label)}"]
+        best = next(t for t in data["tuned"] if t["base"] == label)  # the best plain run made here
+        plain = [r["val_loss"] for r in data["runs"] if r["base"] == label and not r["mechanized"]]
+        assert best["val_loss"] <= min(plain) and best["chosen_from"] == sorted(
+            {1e-5, 1e-3, 0.1, _tuned(label)}
+        )
+        assert [r.split("|")[1].strip() for r in rows] == [
+            "1e-05",
+            "0.001",
+            "0.1",
+            f"best plain: {best['base_lr']:g}",
+        ]
         for row in rows[:3]:  # a plain and a mechanized loss on every row
             cells = [c.strip() for c in row.split("|")[1:-1]]
             assert len(cells) == 5 and all(cells), row
@@ -49,6 +59,7 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
             line for line in lines if line.startswith("Conclusion: over base lrs") and f" {label}'s" in line
         )
         assert "spread" in conclusion and f"mechanized {label}'s ranges" in conclusion
+        assert f"from the best plain {label} run" in conclusion and "the best of lrs" in conclusion
         runs = [r for r in data["runs"] if r["base"] == label]
         assert sorted((r["base_lr"], r["mechanized"]) for r in runs) == sorted(
             (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in (False, True)
@@ -70,7 +81,43 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
 def _tuned(label):
     from mechanic_fast.cli import BASES
 
-    return f"{next(b.tuned_lr for b in BASES.values() if b.label == label):g}"
+    return next(b.tuned_lr for b in BASES.values() if b.label == label)
+
+
+def _fake_run(base, lr, mechanized, loss):
+    curve = [1e-6 * 2**i for i in range(5)]
+    return {"base": base, "base_lr": lr, "mechanized": mechanized, "val_loss": loss, "scale_curve": curve}
+
+
+def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
+    from mechanic_fast.cli import plot_series
+
+    nan = float("nan")
+    runs = [
+        _fake_run(base, lr, m, nan if (base, lr, m) == ("SGD", 1.0, False) else 2.0 + lr)
+        for base in ("AdamW", "SGD")
+        for lr in (1e-3, 1.0)
+        for m in (False, True)
+    ]
+    refs = [{**_fake_run("AdamW", 1e-3, False, 2.001)}, {**_fake_run("SGD", 1e-3, False, 2.001)}]
+    series = plot_series(runs, refs)
+    loss = [s for s in series if s["panel"] == "loss"]
+    hlines = [s for s in loss if s["style"] == "hline"]
+    # one best-plain reference per base, each in its base's colour and named after it
+    assert [h["label"] for h in hlines] == ["best plain AdamW (lr 0.001)", "best plain SGD (lr 0.001)"]
+    assert len({h["color"] for h in hlines}) == 2
+    for h in hlines:
+        base = h["label"].split()[2]
+        assert all(s["color"] == h["color"] for s in loss if base in s["label"])
+    # the diverged plain SGD run at lr 1 is marked, not drawn as a point
+    sgd = next(s for s in loss if s["label"] == "plain SGD")
+    assert sgd["diverged"] == [1.0] and sgd["x"] == [1e-3]
+    assert all(not s.get("diverged") for s in loss if s is not sgd)
+    # one effective-lr panel per base; what is drawn is S * lr, as its axis says
+    panels = {s["panel"] for s in series} - {"loss"}
+    assert panels == {"effective lr: mechanized AdamW", "effective lr: mechanized SGD"}
+    curve = next(s for s in series if s["panel"] == "effective lr: mechanized SGD" and s["label"] == "1")
+    assert curve["y"] == [v * 1.0 for v in runs[0]["scale_curve"]]
 
 
 @pytest.mark.parametrize("command", ["demo", "bench"])
