@@ -251,7 +251,8 @@ def measure(
         if base is not None:
             row["overhead_ms"] = row["step_ms"] - base
             row["overhead_over_floor"] = row["overhead_ms"] / floor
-        if reference is not None:
+        # a speed-up over mechanic-pytorch says something of a mechanized step only, not of the bare ones
+        if reference is not None and not row["impl"].startswith("base"):
             row["speedup_vs_reference"] = reference / row["step_ms"]
     return rows
 
@@ -292,8 +293,10 @@ def run_sweep(
     progress: Optional[Progress] = None,
     impls: Sequence[str] = IMPLS,
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    warning: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Run the sweep and write the outputs that were asked for. Returns {"machine": ..., "rows": [...]}."""
+    """Run the sweep and write the outputs that were asked for, each with `warning` (the machine was
+    busy: the timings are not trustworthy) if there is one. Returns {"machine": ..., "rows": [...]}."""
     devices = devices or devices_present()
     sets = shape_sets(quick)
     if quick:
@@ -306,13 +309,13 @@ def run_sweep(
         rows += measure(dev, dt, name, sets[name], impls, quick)
     if progress:
         progress(len(jobs), len(jobs), "done")
-    result = {"machine": machine_info(), "quick": quick, "rows": rows}
+    result = {"machine": machine_info(), "quick": quick, "rows": rows, "warning": warning}
     if out_json:
         with open(out_json, "w") as f:
             json.dump(result, f, indent=2)
     if out_md:
         with open(out_md, "w") as f:
-            f.write(markdown_table(rows))
+            f.write(markdown_report(rows, warning))
     if out_png:
         plot(rows, out_png)
     return result
@@ -352,6 +355,11 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             f"| {r.get('note', '').replace('|', '/')} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def markdown_report(rows: Sequence[Dict[str, Any]], warning: Optional[str] = None) -> str:
+    """The `--md` file: the table, and the load warning under it when the machine was busy."""
+    return markdown_table(rows) + (f"\n\n**Warning:** {warning}\n" if warning else "\n")
 
 
 def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:

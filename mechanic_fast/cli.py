@@ -392,7 +392,9 @@ def bench(args: argparse.Namespace) -> int:
         if done < total:
             progress.start(what)
 
-    result = benchmark.run_sweep(args.device, args.quick, args.json, args.md, args.plot, report)
+    result = benchmark.run_sweep(
+        args.device, args.quick, args.json, args.md, args.plot, report, warning=warning
+    )
     if progress is not None:
         progress.close()
     print(benchmark.markdown_table(result["rows"]))
@@ -435,7 +437,9 @@ OUTPUTS = {"json": ".json", "md": ".md", "plot": ".png"}
 
 
 def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, before any work, an output that could not be written at the end (exit 2, one line)."""
+    """Refuse, before any work, an output that could not be written at the end (exit 2, one line, with
+    the usage of the subcommand that was given)."""
+    parser = args.subparser
     for name, suffix in OUTPUTS.items():
         path = getattr(args, name, None)
         if path is None:
@@ -444,7 +448,10 @@ def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if os.path.isdir(path):
             parser.error(f"{flag} {path!r} is a directory; give a file name ending in {suffix}")
         if not path.lower().endswith(suffix):
-            parser.error(f"{flag} {path!r} must end in {suffix}")
+            formats = {".png": "a PNG image", ".json": "JSON", ".md": "a markdown table"}[suffix]
+            parser.error(
+                f"{flag} {path!r} must end in {suffix}: it writes {formats}, the only format it writes"
+            )
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             parser.error(f"{flag} {path!r}: directory {parent!r} does not exist")
@@ -527,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--plot", help="write final loss vs base lr and the learned scales to this .png file")
     d.add_argument("--json", help="write the results (per-step losses and scales) to this .json file")
-    d.set_defaults(func=demo)
+    d.set_defaults(func=demo, subparser=d)
 
     b = sub.add_parser(
         "bench",
@@ -548,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the rows and machine info to this .json file")
     b.add_argument("--md", help="write the markdown table to this .md file")
     b.add_argument("--plot", help="write a bar plot of step times to this .png file")
-    b.set_defaults(func=bench)
+    b.set_defaults(func=bench, subparser=b)
     return parser
 
 
@@ -564,7 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "bench":
         missing = [d for d in args.device or [] if d not in _present_devices()]
         if missing:
-            parser.error(f"--device {missing[0]}: no such device on this machine")
+            args.subparser.error(f"--device {missing[0]}: no such device on this machine")
     return args.func(args)
 
 

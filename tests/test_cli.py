@@ -232,7 +232,9 @@ def test_bench_quick_writes_json_markdown_and_png(tmp_path):
         assert {"device", "dtype", "shape_set", "impl", "floor_ms"} <= set(row)
         if row["impl"] in ("foreach", "mechanic_pytorch"):
             assert row["step_ms"] > 0 and "overhead_over_floor" in row and "speedup_vs_reference" in row
-    table = (tmp_path / "b.md").read_text()
+        if row["impl"].startswith("base"):  # a speed-up of the bare step over mechanic-pytorch means nothing
+            assert "speedup_vs_reference" not in row
+    table = (tmp_path / "b.md").read_text().split("\n\n**Warning:**")[0]  # a busy machine adds one
     assert table.startswith("| device | dtype |") and table.count("| cpu |") == len(data["rows"])
     lines = table.strip().splitlines()
     columns = lines[0].count("|")
@@ -262,3 +264,13 @@ def test_bench_warns_when_the_machine_is_busy(monkeypatch):
     assert "not trustworthy" in benchmark.load_warning()
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
     assert benchmark.load_warning() is None
+
+
+def test_bench_markdown_file_carries_the_load_warning():
+    from mechanic_fast import benchmark
+
+    rows = [{"device": "cpu", "dtype": "float32", "shape_set": "s", "impl": "base", "floor_ms": 1.0}]
+    busy = benchmark.markdown_report(rows, "load average 1.9 on 2 cores: timings are not trustworthy")
+    assert busy.startswith(benchmark.markdown_table(rows))
+    assert busy.rstrip().endswith("**Warning:** load average 1.9 on 2 cores: timings are not trustworthy")
+    assert "Warning" not in benchmark.markdown_report(rows, None)
