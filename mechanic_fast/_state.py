@@ -134,8 +134,14 @@ def parse(
     tuner_entry = None
     if entry is not None:
         tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
+        auto = cfg.store_delta is None
         cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
-        _check_per_param(cfg, per_param, state, id_map)
+        _check_per_param(cfg, per_param, state, id_map, int(tuner_entry["step"]))
+        if auto and not cfg.store_delta and any(dtype_of(p) != torch.float64 for p in per_param):
+            # A float64 run (Delta recomputed) resumed in lower precision: keep Delta from now on, or
+            # the rounding stall that the default exists to prevent comes back.
+            _recompute_delta(per_param, tuner_entry, cfg, dtype_of)
+            cfg = dataclasses.replace(cfg, store_delta=True)
     elif per_param:
         raise ValueError(
             "checkpoint has Mechanic's x_ref but no tuner (param_groups[0]['mechanic'] is missing)"
@@ -213,17 +219,36 @@ def _parse_tuner(
     return out
 
 
+def _recompute_delta(
+    per_param: Dict[Tensor, Dict[str, Tensor]],
+    entry: Dict[str, Any],
+    cfg: MechanicConfig,
+    dtype_of: Callable[[Tensor], torch.dtype],
+) -> None:
+    """Delta = (x - x_ref) / (S + eps), as the step recomputes it, from the parameters as they are now
+    (load the model's weights before the optimizer's state, as usual) and x_ref in the dtype it will
+    be kept in, so that x = x_ref + S * Delta holds as loaded. Taken in float64."""
+    scale = float(entry["s"].sum()) + cfg.eps  # a host read, once, while loading
+    for param, ours in per_param.items():
+        x_ref = _distributed.shard_like(param, ours[X_REF]).to(param.device).to(dtype_of(param))
+        ours[DELTA] = (param.detach().double() - x_ref.double()) / scale
+    entry["store_delta"] = True
+
+
 def _check_per_param(
     cfg: MechanicConfig,
     per_param: Dict[Tensor, Dict[str, Tensor]],
     state: Dict[Any, Any],
     id_map: Dict[Any, Tensor],
+    tuner_steps: int,
 ) -> None:
     for key, param in id_map.items():
         ours = per_param.get(param, {})
         # A parameter the base holds state for has taken a step, so Mechanic has x_ref for it too (one
-        # that never had a gradient has neither, and starts afresh at its first step).
-        if state.get(key) and X_REF not in ours and param.numel() > 0:  # empty ones are not tuned
+        # that never had a gradient has neither, and starts afresh at its first step). Not so before
+        # Mechanic's first step: some bases (Adagrad) make their state when they are made.
+        missing = tuner_steps > 0 and state.get(key) and X_REF not in ours
+        if missing and param.numel() > 0:  # empty ones are not tuned
             raise ValueError(f"checkpoint has no Mechanic x_ref for parameter {key!r}, which has base state")
         if not ours:
             continue

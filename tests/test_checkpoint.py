@@ -182,3 +182,58 @@ def test_checkpoint_of_another_model_is_refused_before_anything_changes(foreign)
             )
     assert torch.equal(opt.param_groups[0]["mechanic"]["s"], before_s)
     assert torch.equal(opt.state[x[0]]["exp_avg"], before_avg)
+
+
+@pytest.mark.parametrize("Base", [torch.optim.Adagrad, torch.optim.AdamW, torch.optim.SGD])
+def test_a_fresh_optimizer_loads_its_own_state_dict(Base):
+    """Adagrad makes its state when it is made, before Mechanic has any: that is not a checkpoint with
+    x_ref missing."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = mechanize(Base)(params, lr=0.1)
+    before = opt.state_dict()
+    opt.load_state_dict(before)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all("mechanic_x_ref" in opt.state[p] for p in params)
+
+
+def _least_squares(params, targets):
+    for p in params:
+        p.grad = None
+    sum(((p - t) ** 2).sum() for p, t in zip(params, targets)).backward()
+
+
+def test_a_float64_checkpoint_resumed_in_float32_keeps_delta():
+    """float64 runs recompute Delta (it cannot round away there); resumed in float32, Delta must become
+    state, or S * Delta below half an ulp of the weights stalls the scale at its start."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(64, generator=gen, dtype=torch.float64)
+    targets = [torch.randn(64, generator=gen, dtype=torch.float64)]
+    wide = [torch.nn.Parameter(start.clone())]
+    opt = mechanize(torch.optim.Adam)(wide, lr=1e-3)
+    for _ in range(3):
+        _least_squares(wide, targets)
+        opt.step()
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["mechanic"]["store_delta"] is False
+
+    narrow = [torch.nn.Parameter(wide[0].detach().float())]
+    resumed = mechanize(torch.optim.Adam)(narrow, lr=1e-3)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["mechanic"]["store_delta"] is True
+    state = resumed.state[narrow[0]]
+    # x = x_ref + S * Delta holds as loaded, with x_ref as kept (float32)
+    scale = saved["param_groups"][0]["mechanic"]["s"].sum() + 1e-8
+    assert state["mechanic_x_ref"].dtype == state["mechanic_delta"].dtype == torch.float32
+    rebuilt = state["mechanic_x_ref"].double() + scale * state["mechanic_delta"].double()
+    torch.testing.assert_close(rebuilt.float(), narrow[0].detach(), rtol=0, atol=1e-6)
+    narrow_targets = [t.float() for t in targets]
+    for _ in range(300):
+        _least_squares(narrow, narrow_targets)
+        resumed.step()
+    assert resumed.mechanic_scale > 1e-3, resumed.mechanic_scale  # recomputed, S stays near 1e-6
+    # and a float64 checkpoint into float64 parameters keeps its layout
+    again = mechanize(torch.optim.Adam)([torch.nn.Parameter(wide[0].detach().clone())], lr=1e-3)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["mechanic"]["store_delta"] is False
