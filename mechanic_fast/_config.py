@@ -11,13 +11,18 @@ import torch
 VARIANTS = ("paper", "mechanic_pytorch")
 BACKENDS = ("auto", "foreach", "triton")
 
-# Each variant's own default for s_init (see README: with 1e-8 the paper math starts far slower).
+# Each variant's own default for s_init (with 1e-8 the paper math starts far slower).
 DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
+DEFAULT_S_DECAY = 0.01
+# lr_invariant=True measures S and lambda in units of the reference lr (docs/lr_invariant.md); its
+# defaults are the paper's s_init and lambda at a reference lr of 1e-3 (the tuner's eps stays as it is,
+# in the tuner's own units, so the two modes differ by eps's share while h is small).
+INVARIANT_REFERENCE_LR = 1e-3
 
 
 @dataclass(frozen=True)
 class MechanicConfig:
-    s_decay: float = 0.01  # lambda in the paper
+    s_decay: Optional[float] = None  # lambda in the paper; None: 0.01 (lr_invariant: 0.01 / 1e-3)
     betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
     s_init: Optional[float] = None
     eps: float = 1e-8
@@ -28,6 +33,7 @@ class MechanicConfig:
     compile: bool = False
     ref_dtype: Optional[str] = None  # None: x_ref in the parameter's dtype; "float32": fp32 for low precision
     skip_nonfinite: bool = False
+    lr_invariant: bool = False  # S and lambda in units of the reference lr (group 0's when made)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -43,8 +49,18 @@ class MechanicConfig:
         if not all(0.0 < b < 1.0 for b in betas):
             raise ValueError(f"every beta must lie in (0, 1), got {betas}")
         object.__setattr__(self, "betas", betas)
+        if not isinstance(self.lr_invariant, bool):
+            raise ValueError(f"lr_invariant must be a bool, got {self.lr_invariant!r}")
+        if self.lr_invariant and self.variant != "paper":
+            raise ValueError("lr_invariant=True is a form of the paper variant; use variant='paper'")
         if self.s_init is None:
-            object.__setattr__(self, "s_init", DEFAULT_S_INIT[self.variant])
+            s_init = DEFAULT_S_INIT[self.variant]
+            object.__setattr__(
+                self, "s_init", s_init * INVARIANT_REFERENCE_LR if self.lr_invariant else s_init
+            )
+        if self.s_decay is None:
+            s_decay = DEFAULT_S_DECAY / INVARIANT_REFERENCE_LR if self.lr_invariant else DEFAULT_S_DECAY
+            object.__setattr__(self, "s_decay", s_decay)
         _check_float("s_init", self.s_init, positive=True)
         _check_float("eps", self.eps, positive=True)  # 0 divides 0 by 0 at a zero gradient
         _check_float("s_decay", self.s_decay)

@@ -25,6 +25,7 @@ so that a refused checkpoint leaves the optimizer as it was.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -57,12 +58,32 @@ TORCH_PARAM_SHAPED_STATE = frozenset(
 )
 
 
-def new_tuner(cfg: MechanicConfig, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
-    """The param_groups[0] entry of a fresh tuner (`cfg.store_delta` decided, see `with_store_delta`)."""
+def new_tuner(
+    cfg: MechanicConfig, device: torch.device, dtype: torch.dtype, lr: Any = None
+) -> Dict[str, Any]:
+    """The param_groups[0] entry of a fresh tuner (`cfg.store_delta` decided, see `with_store_delta`).
+    With lr_invariant, `lr` (group 0's lr now) becomes the reference lr, kept with the tuner."""
     entry: Dict[str, Any] = dict(tuner.initial_state(cfg, device, dtype)._asdict())
     entry["step"] = torch.zeros((), dtype=torch.int64, device=device)
     entry.update(_options(cfg))
+    if cfg.lr_invariant:
+        entry["lr_ref"] = _reference_lr(lr)
     return entry
+
+
+def _reference_lr(lr: Any) -> float:
+    value = float(lr) if torch.is_tensor(lr) or isinstance(lr, (int, float)) else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"lr_invariant=True measures the scale in units of group 0's lr, which must be a finite "
+            f"number > 0 when the tuner is made; it is {lr!r}"
+        )
+    return value
+
+
+def lr_ref(entry: Dict[str, Any]) -> float:
+    """The reference lr of an lr-invariant tuner; 1 (no rescaling) otherwise."""
+    return entry.get("lr_ref", 1.0)
 
 
 def tuner_state(entry: Dict[str, Any]) -> tuner.TunerState:
@@ -70,7 +91,10 @@ def tuner_state(entry: Dict[str, Any]) -> tuner.TunerState:
 
 
 def _options(cfg: MechanicConfig) -> Dict[str, Any]:
-    return {"variant": cfg.variant, "betas": tuple(cfg.betas), "store_delta": cfg.store_delta}
+    options = {"variant": cfg.variant, "betas": tuple(cfg.betas), "store_delta": cfg.store_delta}
+    if cfg.lr_invariant:  # absent otherwise, as in checkpoints made before the option existed
+        options["lr_invariant"] = True
+    return options
 
 
 def tiled(values: Dict[Tensor, Tensor], dtype_of: Callable[[Tensor], torch.dtype]) -> Dict[Tensor, Tensor]:
@@ -193,11 +217,18 @@ def _parse_tuner(
             raise ValueError(
                 f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}"
             )
+    if entry.get("lr_invariant", False) != cfg.lr_invariant:
+        raise ValueError(
+            f"checkpoint was saved with Mechanic lr_invariant={entry.get('lr_invariant', False)!r}, "
+            f"this optimizer has {cfg.lr_invariant!r}"
+        )
     params = list(id_map.values())
     device = params[0].device if params else torch.device("cpu")
     dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
     n = len(cfg.betas)
     out: Dict[str, Any] = {}
+    if cfg.lr_invariant:
+        out["lr_ref"] = _reference_lr(entry.get("lr_ref"))
     for name in tuner.TunerState._fields:
         value = entry.get(name)
         if not torch.is_tensor(value):

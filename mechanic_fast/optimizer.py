@@ -163,7 +163,8 @@ class Mechanic(torch.optim.Optimizer):
             params = self._mechanic_params()
             cfg = self._mechanic_config.with_store_delta({self._mechanic_ref_dtype(p) for p in params})
             dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
-            entry = group[_state.TUNER_KEY] = _state.new_tuner(cfg, self._mechanic_device(), dtype)
+            device = self._mechanic_device()
+            entry = group[_state.TUNER_KEY] = _state.new_tuner(cfg, device, dtype, group.get("lr"))
         elif entry["s"].device != self._mechanic_device():  # the model moved after the optimizer was made
             device = self._mechanic_device()
             for name in (*tuner.TunerState._fields, "step"):
@@ -195,7 +196,8 @@ class Mechanic(torch.optim.Optimizer):
         has S = sum(beta_j) * 1e-6 * (s_init / n) / eps (9.8e-7 with its defaults).
         """
         entry = self._mechanic_tuner_entry()
-        return tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config).to(torch.float32)
+        scale = tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config)
+        return (scale / _state.lr_ref(entry)).to(torch.float32)
 
     # ------------------------------------------------------------------------------------------ step
     def _mechanic_gather(self) -> Tuple[List[Tensor], List[Tensor], List[bool]]:
@@ -435,6 +437,7 @@ class Mechanic(torch.optim.Optimizer):
         old: tuner.TunerState,
         const: tuner.Constants,
         count: Tensor,
+        lr_ref: float = 1.0,
     ) -> None:
         """The tuner step and x = x_ref + S_new * (Delta + u), after the base step gave x_base."""
         cfg = self._mechanic_run_cfg  # set by step
@@ -450,7 +453,7 @@ class Mechanic(torch.optim.Optimizer):
                 )
                 parts.append((post, grp.reduce_over))
             sums = sums + self._mechanic_total(parts, old.s.device)
-        new, scale, denom = tuner.step(old, sums, const, cfg)
+        new, scale, denom = tuner.step(old, sums, const, cfg, lr_ref)
         for grp, copy in zip(groups, copies):
             device = grp.params[0].device
             _backend.current(grp.impl).apply_update(
@@ -532,7 +535,8 @@ class Mechanic(torch.optim.Optimizer):
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
-            post(groups, copies, sums, old, self._mechanic_constants(old.s), entry["step"])
+            const = self._mechanic_constants(old.s)
+            post(groups, copies, sums, old, const, entry["step"], _state.lr_ref(entry))
         if new_refs:
             self._mechanic_commit(refs)
 
@@ -784,7 +788,7 @@ OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 @overload
 def mechanize(
     Base: Type[OptimizerT],
-    s_decay: float = ...,
+    s_decay: Optional[float] = ...,
     betas: Sequence[float] = ...,
     s_init: Optional[float] = ...,
     eps: float = ...,
@@ -797,6 +801,7 @@ def mechanize(
     compile: bool = ...,
     ref_dtype: Optional[str] = ...,
     skip_nonfinite: bool = ...,
+    lr_invariant: bool = ...,
     partition_group: Any = ...,
 ) -> Type[OptimizerT]: ...
 
@@ -804,7 +809,7 @@ def mechanize(
 @overload
 def mechanize(
     Base: OptimizerT,
-    s_decay: float = ...,
+    s_decay: Optional[float] = ...,
     betas: Sequence[float] = ...,
     s_init: Optional[float] = ...,
     eps: float = ...,
@@ -817,13 +822,14 @@ def mechanize(
     compile: bool = ...,
     ref_dtype: Optional[str] = ...,
     skip_nonfinite: bool = ...,
+    lr_invariant: bool = ...,
     partition_group: Any = ...,
 ) -> OptimizerT: ...
 
 
 def mechanize(
     Base: Any,
-    s_decay: float = 0.01,
+    s_decay: Optional[float] = None,
     betas: Sequence[float] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999),
     s_init: Optional[float] = None,
     eps: float = 1e-8,
@@ -836,6 +842,7 @@ def mechanize(
     compile: bool = False,
     ref_dtype: Optional[str] = None,
     skip_nonfinite: bool = False,
+    lr_invariant: bool = False,
     partition_group: Any = None,
 ) -> Any:
     """Wrap a torch optimizer in the Mechanic learning-rate tuner.
@@ -852,11 +859,13 @@ def mechanize(
     Args:
         Base: a ``torch.optim.Optimizer`` subclass, or an optimizer instance.
         s_decay: lambda in the paper, the weight of the ``lambda * S * ||g|| / ||x|| * x`` term that
-            Mechanic adds to the gradient in its inner product; 0 turns it off.
+            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01 (10 with
+            ``lr_invariant``, where S is measured in units of the reference lr).
         betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
             their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
             Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
-        s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch).
+        s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch;
+            with ``lr_invariant``, the first effective lr relative to the reference lr: 1e-9).
         eps: floor of the tuner's divisions.
         store_delta: keep Delta as state (True) or recompute it as (x - x_ref) / S (False). None decides
             from the parameters: kept unless every x_ref is float64 (recomputed in float32 it can be lost
@@ -871,6 +880,11 @@ def mechanize(
         ref_dtype: ``"float32"`` keeps x_ref and Delta in float32 for bfloat16/float16 parameters.
         skip_nonfinite: skip (and count in ``opt.mechanic_skipped_steps``) a step whose gradients hold
             NaN/Inf, at the cost of one host sync per step.
+        lr_invariant: measure the scale in units of a reference lr (group 0's lr when the tuner is
+            made), so that multiplying every lr by a constant changes nothing for a base whose update is
+            proportional to lr: the same effective lr and parameters at every step. ``s_init`` and
+            ``s_decay`` are then in those units (None: 1e-9 and 10, the paper's defaults at lr 1e-3).
+            Off by default: the paper variant is the default.
         partition_group: a process group over which this optimizer's parameters are disjoint parts of one
             model (pipeline stages, a hand-made partition): the sums are added over it. DDP, FSDP1/2,
             tensor/sequence parallel and ZeroRedundancyOptimizer are recognised without it.
@@ -894,6 +908,7 @@ def mechanize(
         compile=compile,
         ref_dtype=ref_dtype,
         skip_nonfinite=skip_nonfinite,
+        lr_invariant=lr_invariant,
     )
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")

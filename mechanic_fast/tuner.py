@@ -62,19 +62,23 @@ def s_decay(cfg: MechanicConfig) -> float:
     return cfg.s_decay
 
 
-def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig) -> Tensor:
+def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig, lr_ref: float = 1.0) -> Tensor:
     """h = <Delta, g_hat> with g_hat = g + lambda * S * ||g|| / (||x|| + eps) * x.
 
     `sums` holds <d, g>, <d, x>, ||g||^2, ||x||^2 where d = x_t - x_ref (so Delta = d / (S + eps)),
     or d = Delta itself when Delta is stored (store_delta=True).
+
+    With lr_invariant, `scale` is the tuner's S~ = S * lr_ref and Delta~ = Delta / lr_ref: for a base
+    whose update is proportional to lr, both and so h are the same whatever the lr's overall size.
     """
     delta_grad, delta_param, grad_sq, param_sq = sums.unbind()
     # scale enters in the sums' precision (float64 for float64 parameters), as in both references
     decay = s_decay(cfg) * scale.to(sums.dtype) * grad_sq.sqrt() / (param_sq.sqrt() + cfg.eps)
     h = delta_grad + decay * delta_param
     if not cfg.store_delta:
-        h = h / (scale + cfg.eps)  # Delta = d / (S + eps), with S + eps in the state's precision
-    return h
+        # Delta~ = d / (S~ + eps) (the paper: Delta = d / (S + eps)), in the state's precision
+        return h / (scale + cfg.eps)
+    return h / lr_ref if cfg.lr_invariant else h
 
 
 def update(state: TunerState, h: Tensor, const: Constants, cfg: MechanicConfig) -> TunerState:
@@ -105,17 +109,21 @@ def effective_scale(state: TunerState, cfg: MechanicConfig) -> Tensor:
 
 
 def step(
-    state: TunerState, sums: Tensor, const: Constants, cfg: MechanicConfig
+    state: TunerState, sums: Tensor, const: Constants, cfg: MechanicConfig, lr_ref: float = 1.0
 ) -> Tuple[TunerState, Tensor, Tensor]:
     """The whole scalar part of a Mechanic step: (state, inner products) -> (new state, S_new, S_old + eps).
 
     S_new multiplies Delta + u in the parameter update; S_old + eps divides x_t - x_ref into Delta.
+    With lr_invariant the tuner runs in units of the reference lr (S~ = S * lr_ref), and the scales
+    returned are in the parameters' units: S~_new / lr_ref and (S~_old + eps) / lr_ref.
     """
     scale_old = state.s.sum()
-    new = update(state, inner_product(sums, scale_old, cfg), const, cfg)
+    new = update(state, inner_product(sums, scale_old, cfg, lr_ref), const, cfg)
     # A step whose inner products overflow (finite float32 gradients of ~1e20: ||g||^2 > 3.4e38) or whose
     # h^2 does leaves the tuner as it was, decided on the device: x then takes the base's step at the
     # current scale, finite wherever the base's is.
     finite = torch.isfinite(torch.cat(new)).all()
     new = TunerState(*(torch.where(finite, a, b) for a, b in zip(new, state)))
+    if cfg.lr_invariant:
+        return new, effective_scale(new, cfg) / lr_ref, (scale_old + cfg.eps) / lr_ref
     return new, effective_scale(new, cfg), scale_old + cfg.eps

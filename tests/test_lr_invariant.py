@@ -1,0 +1,98 @@
+"""lr_invariant=True: a global rescaling of the base lr changes nothing, for bases whose update is
+proportional to lr (float64: the same effective lr and parameters at every step), where the paper
+variant changes a lot; and the mode keeps the optimizer's contracts (checkpoints, schedules, options)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechanic_fast import mechanize
+
+BASES = {
+    "adamw": (torch.optim.AdamW, dict(weight_decay=0.01)),
+    "sgd_momentum": (torch.optim.SGD, dict(momentum=0.9)),
+}
+
+
+def _problem(seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [
+        torch.nn.Parameter(torch.randn(20, 5, generator=gen, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64)),
+    ]
+    x = torch.randn(64, 20, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    return params, lambda: ((torch.tanh(x @ params[0] + params[1]) - y) ** 2).mean()
+
+
+def _effective_lr(opt, lr):
+    """S * lr from the tuner's own float64 state (mechanic_scale is float32)."""
+    entry = opt.param_groups[0]["mechanic"]
+    return (entry["s"].sum() / entry.get("lr_ref", 1.0) * lr).item()
+
+
+def _run(base, lr, seed, steps=50, **options):
+    Base, kwargs = BASES[base]
+    params, loss = _problem(seed)
+    opt = mechanize(Base, **options)(params, lr=lr, **kwargs)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+        history.append((_effective_lr(opt, lr), [p.detach().clone() for p in params]))
+    return history, opt
+
+
+def _max_rel(a, b):
+    worst = 0.0
+    for (eff_a, ps_a), (eff_b, ps_b) in zip(a, b):
+        worst = max(worst, abs(eff_a - eff_b) / abs(eff_b))
+        for p, q in zip(ps_a, ps_b):
+            worst = max(worst, ((p - q).abs().max() / q.abs().max()).item())
+    return worst
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_a_global_rescaling_of_the_lr_changes_nothing(base, seed):
+    a = 1e-4
+    invariant = _max_rel(
+        _run(base, a, seed, lr_invariant=True)[0], _run(base, 1000 * a, seed, lr_invariant=True)[0]
+    )
+    assert invariant <= 1e-10, (invariant, seed)
+    paper = _max_rel(_run(base, a, seed)[0], _run(base, 1000 * a, seed)[0])
+    assert paper > 1e-2, (paper, seed)  # the same test, failed by the paper variant
+
+
+def test_the_reference_lr_is_group_0s_when_made_and_survives_schedules_and_checkpoints(seed):
+    params, loss = _problem(seed)
+    opt = mechanize(torch.optim.AdamW, lr_invariant=True)(params, lr=2e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["mechanic"]["lr_ref"] == 2e-3  # the schedule keeps its shape
+    saved = opt.state_dict()
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = mechanize(torch.optim.AdamW, lr_invariant=True)(twin_params, lr=123.0)
+    twin.load_state_dict(saved)
+    assert twin.param_groups[0]["mechanic"]["lr_ref"] == 2e-3
+    assert torch.equal(twin.mechanic_scale, opt.mechanic_scale)
+    with pytest.raises(ValueError, match="lr_invariant"):
+        mechanize(torch.optim.AdamW)(
+            [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ).load_state_dict(saved)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="form of the paper variant"):
+        mechanize(torch.optim.AdamW, lr_invariant=True, variant="mechanic_pytorch")
+    with pytest.raises(ValueError, match="lr_invariant must be a bool"):
+        mechanize(torch.optim.AdamW, lr_invariant="yes")
+    cls = mechanize(torch.optim.AdamW, lr_invariant=True)
+    assert cls._mechanic_config.s_init == pytest.approx(1e-9) and cls._mechanic_config.s_decay == 10.0
+    with pytest.raises(ValueError, match="group 0's lr"):
+        cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
