@@ -23,6 +23,14 @@ SNIPPETS = [
 ]
 
 
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def test_pages_have_snippets():
     assert sum(page == "README.md" for page, *_ in SNIPPETS) >= 2
     assert len(SNIPPETS) >= 10
@@ -32,7 +40,8 @@ def test_pages_have_snippets():
 def test_snippet_runs(page, index, indent, code, tmp_path, monkeypatch):
     code = "\n".join(line[len(indent) :] for line in code.splitlines())
     monkeypatch.chdir(tmp_path)  # snippets that write files (checkpoints, TensorBoard logs) write here
-    with mock.patch.dict(os.environ):  # what a snippet sets (MASTER_ADDR, ...) ends with it
+    # what a snippet sets (MASTER_ADDR, ...) ends with it; a free port, not the snippet's fixed one
+    with mock.patch.dict(os.environ, MASTER_PORT=_free_port()):
         exec(compile(code, f"{page} snippet {index}", "exec"), {"__name__": f"snippet_{index}"})
 
 
