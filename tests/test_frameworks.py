@@ -6,12 +6,23 @@ Run with the `.[integration]` extra installed; each test skips when its framewor
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 
 from mechanic_fast import is_mechanized, mechanic_scale, mechanize
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _framework_environment():
+    """The frameworks set process environment variables of their own (Lightning:
+    PYTORCH_NVML_BASED_CUDA_CHECK); they end with the test."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def _data(n=64, seed=0):
