@@ -161,9 +161,13 @@ def parse(
         auto = cfg.store_delta is None
         cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
         _check_per_param(cfg, per_param, state, id_map, int(tuner_entry["step"]))
-        if auto and not cfg.store_delta and any(dtype_of(p) != torch.float64 for p in per_param):
-            # A float64 run (Delta recomputed) resumed in lower precision: keep Delta from now on, or
-            # the rounding stall that the default exists to prevent comes back.
+        narrowed = any(
+            v[X_REF].dtype == torch.float64 and dtype_of(p) != torch.float64 for p, v in per_param.items()
+        )
+        if auto and not cfg.store_delta and narrowed:
+            # A float64 run (the default recomputes Delta there) resumed in lower precision: keep Delta
+            # from now on, or the rounding stall that the default exists to prevent comes back. (A
+            # layout chosen explicitly in the same precision is kept as it is.)
             _recompute_delta(per_param, tuner_entry, cfg, dtype_of)
             cfg = dataclasses.replace(cfg, store_delta=True)
     elif per_param:

@@ -23,7 +23,20 @@ import warnings
 import weakref
 from collections import OrderedDict
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, TypeVar, overload
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    overload,
+)
 
 import torch
 from torch import Tensor
@@ -675,27 +688,32 @@ def _flag_step_called(opt: torch.optim.Optimizer) -> None:
     opt.step = wrapper  # type: ignore[method-assign]
 
 
-def _unwrap(opt: Any) -> Any:
-    """The optimizer inside framework wrappers (accelerate's AcceleratedOptimizer keeps it as
-    `.optimizer`, Lightning's LightningOptimizer as `._optimizer`, ZeroRedundancyOptimizer this rank's
-    as `.optim`)."""
+def _wrapped(opt: Any) -> Iterator[Any]:
+    """`opt` and the optimizers inside it, outermost first: accelerate's AcceleratedOptimizer keeps its
+    optimizer as `.optimizer`, Lightning's LightningOptimizer as `._optimizer`, ZeroRedundancyOptimizer
+    this rank's as `.optim`."""
+    yield opt
     while True:
         attrs = getattr(opt, "__dict__", {})
         inner = attrs.get("optimizer", attrs.get("_optimizer", attrs.get("optim")))
         if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
-            return opt
+            return
+        yield inner
         opt = inner
+
+
+def _unwrap(opt: Any) -> Any:
+    """The optimizer inside framework wrappers (`_wrapped`)."""
+    *_, inner = _wrapped(opt)
+    return inner
 
 
 def _zero_redundancy(wrapper: Any) -> Optional[Any]:
     """`wrapper` itself, or an optimizer it wraps, if that is a ZeroRedundancyOptimizer."""
     zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    while zero is not None and wrapper is not None:
-        if isinstance(wrapper, zero.ZeroRedundancyOptimizer):
-            return wrapper
-        attrs = getattr(wrapper, "__dict__", {})
-        wrapper = attrs.get("optimizer", attrs.get("_optimizer"))
-    return None
+    if zero is None:
+        return None
+    return next((w for w in _wrapped(wrapper) if isinstance(w, zero.ZeroRedundancyOptimizer)), None)
 
 
 def _mechanize_instance(
