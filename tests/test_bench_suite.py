@@ -59,3 +59,20 @@ def test_interleaved_script_reports_the_three_optimizers():
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("bare", "mechanic_fast", "mechanic_pytorch", "speed-up vs mechanic-pytorch"):
         assert name in out.stdout
+
+
+def test_lr_invariance_script_reports_the_three_methods():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "lr_invariance.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_LIMIT_S,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| base lr | plain | paper | invariant |" in out.stdout
+    # the invariant mode ends at the same loss whatever the base lr (float32: to rounding)
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 4, out.stdout  # 2 lrs x 2 bases
+    for first, second in zip(rows[0::2], rows[1::2]):
+        a, b = float(first[3]), float(second[3])
+        assert abs(a - b) <= 1e-3 * abs(b), out.stdout
