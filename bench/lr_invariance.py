@@ -1,6 +1,7 @@
 """How much the base lr matters: plain, paper-Mechanic and lr-invariant Mechanic over base lrs 1e-6..10.
 
 usage: python bench/lr_invariance.py [--steps N] [--seeds K] [--lrs 1e-6,...] [--json out.json] [--quick]
+       python bench/lr_invariance.py --calibrate [--steps N] [--seeds K]
 
 Three small tasks on data that ships with Python or is made here, each trained from the same init on the
 same batches for every (base, lr, method):
@@ -11,6 +12,8 @@ Bases AdamW (weight decay 0.01) and SGD with momentum 0.9. Reported per task and
 validation loss at every base lr for plain, mechanized (paper) and mechanized (lr_invariant=True), the
 best plain run of the grid (the "tuned" plain optimizer), each method's spread over the lrs, and its
 worst and mean gap to the best plain run. Diverged runs count as the task's loss at init.
+--calibrate: the lr-invariant mode's (s_init, s_decay) over a grid, at one base lr (the mode does not
+depend on it), against the paper variant's defaults at the best and worst base lr of the same grid.
 """
 
 from __future__ import annotations
@@ -120,12 +123,12 @@ def _regress_task(seed: int):
 TASKS = {"lm": _lm_task, "classify": _classify_task, "regress": _regress_task}
 
 
-def run(task: str, base: str, method: str, lr: float, seed: int, steps: int) -> float:
+def run(task: str, base: str, method: str, lr: float, seed: int, steps: int, **mechanic) -> float:
     make_model, loss_fn, evaluate = TASKS[task](seed)
     torch.manual_seed(seed)
     model = make_model()
     Base, options = BASES[base]
-    cls = Base if method == "plain" else mechanize(Base, lr_invariant=method == "invariant")
+    cls = Base if method == "plain" else mechanize(Base, lr_invariant=method == "invariant", **mechanic)
     opt = cls(model.parameters(), lr=lr, **options)
     with torch.no_grad():
         start = evaluate(model)
@@ -149,7 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true", help="2 lrs, 1 seed, 20 steps, the regression only")
+    parser.add_argument("--calibrate", action="store_true", help="the invariant mode's constants over a grid")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        return calibrate(args.tasks.split(","), args.steps, args.seeds)
     lrs = [float(v) for v in args.lrs.split(",")]
     tasks = args.tasks.split(",")
     if args.quick:
@@ -170,6 +176,25 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": args.steps, "seeds": args.seeds, "results": results}, f, indent=1)
+    return 0
+
+
+def calibrate(tasks: List[str], steps: int, seeds: int) -> int:
+    torch.set_num_threads(1)
+    grid = [(s_init, s_decay) for s_init in (1e-9, 1e-7, 1e-5) for s_decay in (10.0, 1.0, 0.0)]
+    print("| task, base | " + " | ".join(f"s_init {a:g}, s_decay {b:g}" for a, b in grid) + " |")
+    print("|---|" + "---:|" * len(grid))
+    for task in tasks:
+        for base in BASES:
+            cells = []
+            for s_init, s_decay in grid:
+                losses = [
+                    run(task, base, "invariant", 1e-3, s, steps, s_init=s_init, s_decay=s_decay)
+                    for s in range(seeds)
+                ]
+                cells.append(f"{statistics.mean(losses):.4g}")
+            print(f"| {task}, {base} | " + " | ".join(cells) + " |")
+            sys.stdout.flush()
     return 0
 
 
