@@ -31,6 +31,10 @@ QUICK_LRS = "1e-5,1e-3,1e-1"
 QUICK_STEPS = 500  # fewer would leave every run in its first, noisy phase
 
 
+# what each run trains, and how its name starts: plain, Mechanic (paper variant), Mechanic lr_invariant
+METHOD_LABELS = {"plain": "", "mechanized": "mechanized ", "invariant": "lr-invariant mechanized "}
+
+
 class Base(NamedTuple):
     label: str
     cls: type
@@ -89,14 +93,15 @@ def train_run(
     val: torch.Tensor,
     base: Base,
     lr: float,
-    mechanized: bool,
+    method: str,
     args: argparse.Namespace,
     progress: Progress,
 ) -> Dict[str, Any]:
     """One training run; every run starts from the same init and sees the same batches."""
     torch.manual_seed(args.seed)
     model = CharModel(args.context)
-    opt_class = mechanize(base.cls) if mechanized else base.cls
+    mechanized = method != "plain"
+    opt_class = mechanize(base.cls, lr_invariant=method == "invariant") if mechanized else base.cls
     opt = opt_class(model.parameters(), lr=lr, **base.options)
     losses, scales = [], []
     for x, y in _batches(train, args.context, args.batch_size, args.steps, args.seed):
@@ -111,7 +116,8 @@ def train_run(
     final = _evaluate(model, val, args.context)
     scale = scales[-1] if mechanized else None
     return {
-        "optimizer": f"mechanized {base.label}" if mechanized else base.label,
+        "optimizer": f"{METHOD_LABELS[method]}{base.label}",
+        "method": method,
         "base": base.label,
         "mechanized": mechanized,
         "base_lr": lr,
@@ -167,9 +173,9 @@ def demo(args: argparse.Namespace) -> int:
     train, val = data[:split], data[split:]
     bases = [BASES[name] for name in args.bases]
     # the tuned reference is its own run unless the lr grid already has that lr
-    jobs = [(b, args.baseline_lr or b.tuned_lr, False, "tuned") for b in bases]
+    jobs = [(b, args.baseline_lr or b.tuned_lr, "plain", "tuned") for b in bases]
     jobs = [j for j in jobs if j[1] not in args.lrs]
-    jobs += [(b, lr, m, "") for b in bases for lr in args.lrs for m in (False, True)]
+    jobs += [(b, lr, m, "") for b in bases for lr in args.lrs for m in METHOD_LABELS]
     start = time.perf_counter()
     print(
         f"Next-byte prediction on {len(data):,} bytes of Python's own standard library "
@@ -178,10 +184,10 @@ def demo(args: argparse.Namespace) -> int:
     )
     progress = Progress(len(jobs) * args.steps, len(jobs))
     tuned, runs = {}, []
-    for base, lr, mechanized, kind in jobs:
-        name = f"{'mechanized ' if mechanized else ''}{base.label}"
+    for base, lr, method, kind in jobs:
+        name = f"{METHOD_LABELS[method]}{base.label}"
         progress.start(f"{name} lr={lr:g}" + (" (tuned)" if kind else ""))
-        run = train_run(train, val, base, lr, mechanized, args, progress)
+        run = train_run(train, val, base, lr, method, args, progress)
         progress.finish(f"val loss {run['val_loss']:.3f}")
         if kind:
             run["optimizer"] += " (tuned)"
@@ -193,7 +199,7 @@ def demo(args: argparse.Namespace) -> int:
     # settings need not be the best at others (fewer steps, another batch size).
     extra, tuned = tuned, {}
     for base in bases:
-        plain = [r for r in runs if r["base"] == base.label and not r["mechanized"]]
+        plain = [r for r in runs if r["base"] == base.label and r["method"] == "plain"]
         plain += [extra[base.label]] if base.label in extra else []
         best = min(plain, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
         tuned[base.label] = {
@@ -229,22 +235,24 @@ def _loss(value: float) -> str:
 
 
 def results_table(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
-    """One row per base lr: the plain and the mechanized optimizer side by side."""
+    """One row per base lr: the plain, the mechanized and the lr-invariant mechanized optimizer."""
     label = tuned["base"]
     lines = [
         f"Final validation loss (lower is better), {label} with and without Mechanic:",
         "",
-        f"| base lr | {label} | mechanized {label} | learned scale S | effective lr S*lr |",
-        "|---:|---:|---:|---:|---:|",
+        f"| base lr | {label} | mechanized {label} | lr-invariant {label} | effective lr S*lr, mechanized "
+        "| effective lr, lr-invariant |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for lr in sorted({r["base_lr"] for r in runs}):
-        plain = next(r for r in runs if r["base_lr"] == lr and not r["mechanized"])
-        mech = next(r for r in runs if r["base_lr"] == lr and r["mechanized"])
-        lines.append(
-            f"| {lr:g} | {_loss(plain['val_loss'])} | {_loss(mech['val_loss'])} | {mech['scale']:.3g} "
-            f"| {mech['effective_lr']:.3g} |"
+        plain, mech, inv = (
+            next(r for r in runs if r["base_lr"] == lr and r["method"] == m) for m in METHOD_LABELS
         )
-    lines.append(f"| best plain: {tuned['base_lr']:g} | {_loss(tuned['val_loss'])} | | | |")
+        lines.append(
+            f"| {lr:g} | {_loss(plain['val_loss'])} | {_loss(mech['val_loss'])} | {_loss(inv['val_loss'])} "
+            f"| {mech['effective_lr']:.3g} | {inv['effective_lr']:.3g} |"
+        )
+    lines.append(f"| best plain: {tuned['base_lr']:g} | {_loss(tuned['val_loss'])} | | | | |")
     return "\n".join(lines)
 
 
@@ -261,8 +269,9 @@ def conclusion(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
     """The measured answer to "how much does the base lr matter, with and without Mechanic?"."""
     label = tuned["base"]
     lrs = sorted({r["base_lr"] for r in runs})
-    plain = [r for r in runs if not r["mechanized"]]
-    mech = [r for r in runs if r["mechanized"]]
+    plain = [r for r in runs if r["method"] == "plain"]
+    mech = [r for r in runs if r["method"] == "mechanized"]
+    inv = [r for r in runs if r["method"] == "invariant"]
     best = min((r for r in mech if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"], default=None)
     chosen = ", ".join(f"{lr:g}" for lr in tuned["chosen_from"])
     gap = f"; the best mechanized run ({best['val_loss']:.3f} at lr {best['base_lr']:g}) is " + (
@@ -273,7 +282,8 @@ def conclusion(runs: Sequence[Dict[str, Any]], tuned: Dict[str, Any]) -> str:
     )
     return (
         f"Conclusion: over base lrs {lrs[0]:g} to {lrs[-1]:g}, {label}'s final loss ranges "
-        f"{_spread(plain)}; mechanized {label}'s ranges {_spread(mech)}" + (gap if best else "") + "."
+        f"{_spread(plain)}; mechanized {label}'s ranges {_spread(mech)}; lr-invariant mechanized "
+        f"{label}'s ranges {_spread(inv)}" + (gap if best else "") + "."
     )
 
 
@@ -283,25 +293,26 @@ BASE_COLORS = {"AdamW": ("C0", "Blues"), "SGD": ("C1", "Oranges")}
 def plot_series(runs: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """What the demo plot draws, as data: one entry per line, with its panel, label and style.
 
-    Left panel: final loss against base lr, one colour per base (plain dashed, mechanized solid), the
+    Left panel: final loss against base lr, one colour per base (plain dashed, mechanized solid,
+    lr-invariant dash-dotted with triangles), the
     base's best plain run as a dotted line in its colour, and diverged runs as an x at the top. One
     panel per base on the right: the effective lr S * lr over the steps, one shade per base lr."""
     series = []
     for ref in references:
         label = ref["base"]
         color, shades = BASE_COLORS.get(label, ("C2", "Greens"))
-        for mechanized in (False, True):
+        for method, style in (("plain", "o--"), ("mechanized", "s-"), ("invariant", "^-.")):
             mine = sorted(
-                (r for r in runs if r["base"] == label and r["mechanized"] == mechanized),
+                (r for r in runs if r["base"] == label and r["method"] == method),
                 key=lambda r: r["base_lr"],
             )
             finite = [r for r in mine if math.isfinite(r["val_loss"])]
             series.append(
                 {
                     "panel": "loss",
-                    "label": f"{'mechanized ' if mechanized else 'plain '}{label}",
+                    "label": f"{METHOD_LABELS[method] or 'plain '}{label}",
                     "color": color,
-                    "style": "s-" if mechanized else "o--",
+                    "style": style,
                     "x": [r["base_lr"] for r in finite],
                     "y": [r["val_loss"] for r in finite],
                     "diverged": [r["base_lr"] for r in mine if not math.isfinite(r["val_loss"])],
@@ -316,7 +327,10 @@ def plot_series(runs: Sequence[Dict[str, Any]], references: Sequence[Dict[str, A
                 "y": [ref["val_loss"]],
             }
         )
-        mech = sorted((r for r in runs if r["base"] == label and r["mechanized"]), key=lambda r: r["base_lr"])
+        mech = sorted(
+            (r for r in runs if r["base"] == label and r["method"] == "mechanized"),
+            key=lambda r: r["base_lr"],
+        )
         for i, r in enumerate(mech):
             series.append(
                 {

@@ -37,12 +37,15 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
     data = json.loads((out / "demo.json").read_text())
     assert data["steps"] == 500  # quick: fewer lrs, not steps cut to noise
     for label in ("AdamW", "SGD"):
-        header = f"| base lr | {label} | mechanized {label} | learned scale S | effective lr S*lr |"
+        header = (
+            f"| base lr | {label} | mechanized {label} | lr-invariant {label} "
+            "| effective lr S*lr, mechanized | effective lr, lr-invariant |"
+        )
         lines = result.stdout.splitlines()
         start = lines.index(header)
         rows = [line for line in lines[start + 2 :] if line.startswith("| ")][:4]
         best = next(t for t in data["tuned"] if t["base"] == label)  # the best plain run made here
-        plain = [r["val_loss"] for r in data["runs"] if r["base"] == label and not r["mechanized"]]
+        plain = [r["val_loss"] for r in data["runs"] if r["base"] == label and r["method"] == "plain"]
         assert best["val_loss"] <= min(plain) and best["chosen_from"] == sorted(
             {1e-5, 1e-3, 0.1, _tuned(label)}
         )
@@ -52,18 +55,21 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
             "0.1",
             f"best plain: {best['base_lr']:g}",
         ]
-        for row in rows[:3]:  # a plain and a mechanized loss on every row
+        for row in rows[:3]:  # a plain, a mechanized and an lr-invariant loss on every row
             cells = [c.strip() for c in row.split("|")[1:-1]]
-            assert len(cells) == 5 and all(cells), row
+            assert len(cells) == 6 and all(cells), row
         conclusion = next(
             line for line in lines if line.startswith("Conclusion: over base lrs") and f" {label}'s" in line
         )
         assert "spread" in conclusion and f"mechanized {label}'s ranges" in conclusion
+        assert f"lr-invariant mechanized {label}'s ranges" in conclusion
         assert f"from the best plain {label} run" in conclusion and "the best of lrs" in conclusion
         runs = [r for r in data["runs"] if r["base"] == label]
-        assert sorted((r["base_lr"], r["mechanized"]) for r in runs) == sorted(
-            (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in (False, True)
+        assert sorted((r["base_lr"], r["method"]) for r in runs) == sorted(
+            (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in ("plain", "mechanized", "invariant")
         )
+        inv = [r["effective_lr"] for r in runs if r["method"] == "invariant"]
+        assert max(inv) <= 1.05 * min(inv)  # the lr-invariant mode: one effective lr for every base lr
         for r in runs:
             assert len(r["train_loss"]) == 500
             if r["mechanized"]:
@@ -86,7 +92,8 @@ def _tuned(label):
 
 def _fake_run(base, lr, mechanized, loss):
     curve = [1e-6 * 2**i for i in range(5)]
-    return {"base": base, "base_lr": lr, "mechanized": mechanized, "val_loss": loss, "scale_curve": curve}
+    method = mechanized if isinstance(mechanized, str) else ("mechanized" if mechanized else "plain")
+    return {"base": base, "base_lr": lr, "method": method, "val_loss": loss, "scale_curve": curve}
 
 
 def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
@@ -94,10 +101,10 @@ def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
 
     nan = float("nan")
     runs = [
-        _fake_run(base, lr, m, nan if (base, lr, m) == ("SGD", 1.0, False) else 2.0 + lr)
+        _fake_run(base, lr, m, nan if (base, lr, m) == ("SGD", 1.0, "plain") else 2.0 + lr)
         for base in ("AdamW", "SGD")
         for lr in (1e-3, 1.0)
-        for m in (False, True)
+        for m in ("plain", "mechanized", "invariant")
     ]
     refs = [{**_fake_run("AdamW", 1e-3, False, 2.001)}, {**_fake_run("SGD", 1e-3, False, 2.001)}]
     series = plot_series(runs, refs)
@@ -112,6 +119,11 @@ def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
     # the diverged plain SGD run at lr 1 is marked, not drawn as a point
     sgd = next(s for s in loss if s["label"] == "plain SGD")
     assert sgd["diverged"] == [1.0] and sgd["x"] == [1e-3]
+    labels = [s["label"] for s in loss if s["style"] != "hline"]
+    assert labels == [
+        f"{m}{b}" for b in ("AdamW", "SGD") for m in ("plain ", "mechanized ", "lr-invariant mechanized ")
+    ]
+    assert len({s["style"] for s in loss if s["style"] != "hline"}) == 3  # three methods, three line styles
     assert all(not s.get("diverged") for s in loss if s is not sgd)
     # one effective-lr panel per base; what is drawn is S * lr, as its axis says
     panels = {s["panel"] for s in series} - {"loss"}
