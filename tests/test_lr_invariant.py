@@ -96,3 +96,45 @@ def test_options_are_checked():
     assert cls._mechanic_config.s_init == pytest.approx(1e-9) and cls._mechanic_config.s_decay == 10.0
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "triton"])
+def test_every_implementation_is_invariant(backend):
+    """Only the scalar math changes, so the Triton kernels (interpreted here) and the multi-tensor code
+    give the same invariant trajectory (float32: to rounding)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    results = []
+    for lr in (1e-4, 1e-1):
+        params, loss = _problem(3)
+        params = [torch.nn.Parameter(p.detach().float()) for p in params]
+        x = torch.randn(64, 20, generator=torch.Generator().manual_seed(5))
+        opt = mechanize(torch.optim.AdamW, lr_invariant=True, backend=backend)(params, lr=lr)
+        for _ in range(20):
+            opt.zero_grad()
+            (torch.tanh(x @ params[0] + params[1]) ** 2).mean().backward()
+            opt.step()
+        results.append((opt.mechanic_scale * lr, [p.detach() for p in params]))
+    (eff_a, ps_a), (eff_b, ps_b) = results
+    torch.testing.assert_close(eff_a, eff_b, rtol=1e-4, atol=0)
+    for p, q in zip(ps_a, ps_b):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_whole_step_gives_the_eager_result():
+    def train(compiled):
+        torch._dynamo.reset()
+        params, loss = _problem(4)
+        opt = mechanize(torch.optim.AdamW, lr_invariant=True)(params, lr=1e-2, foreach=True)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(8):
+            opt.zero_grad()
+            loss().backward()
+            step()
+        return opt.mechanic_scale, params
+
+    (s_eager, p_eager), (s_comp, p_comp) = train(False), train(True)
+    torch.testing.assert_close(s_comp, s_eager, rtol=1e-6, atol=0)
+    for a, b in zip(p_comp, p_eager):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
