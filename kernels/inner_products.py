@@ -99,4 +99,5 @@ def apply_update_kernel(
         tl.store(delta_ptr + offs, delta.to(REF_TY, fp_downcast_rounding="rtne"), mask=mask)
     else:
         delta = (x_t - ref) / tl.load(denom_ptr).to(ACC) + u
-    tl.store(x_ptr + offs, (delta * scale + ref).to(X_TY, fp_downcast_rounding="rtne"), mask=mask)
+    # one rounding, as torch.addcmul in the other implementations
+    tl.store(x_ptr + offs, tl.fma(delta, scale, ref).to(X_TY, fp_downcast_rounding="rtne"), mask=mask)

@@ -4,8 +4,9 @@ from mechanic_fast import mechanize
 opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
 """
 
-from ._config import MechanicConfig
-from .optimizer import INDUCTOR_OPTIONS, Mechanic, is_mechanized, mechanic_scale, mechanize
+from ._api import is_mechanized, mechanic_scale, mechanize
+from ._config import INDUCTOR_OPTIONS, MechanicConfig
+from .optimizer import Mechanic
 
 __version__ = "0.1.0"
 __all__ = [

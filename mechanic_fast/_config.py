@@ -100,3 +100,11 @@ def _check_float(name: str, value: object, positive: bool = False) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     if not positive and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+# Inductor options for a user's `torch.compile(opt.step, options=INDUCTOR_OPTIONS)` over many tensors.
+# Every tensor's update reads the scale S and waits on the op that took the sums, so inductor's fusion
+# search checks each pair of such nodes against up to 64 neighbours that never fuse; with 8 it writes the
+# same code in less compile time (bench/compile_times.py). Not set by Mechanic: inductor's config is
+# global, and a compiled training step holds the model's graph too.
+INDUCTOR_OPTIONS: Dict[str, Any] = {"max_fusion_buffer_group_pairwise_attempts": 8}

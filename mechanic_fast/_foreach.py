@@ -1,20 +1,17 @@
-"""Mechanic's O(d) work in eager mode with multi-tensor torch ops, on any device.
+"""Mechanic's O(d) work in eager mode with multi-tensor torch ops, on any device (`functional` picks it).
 
-Where a multi-tensor op is a loop over tensors (on CPU, about 1.5 us per tensor per op), passes over one
-flat buffer are cheaper: a step gathers g and x_t into a flat workspace with one `torch._chunk_cat`
-(the x_t copy is its second row), takes the inner products with BLAS on the flat rows, and forms the
-update in the x_t row: w = x_t - x_base (one multi-tensor op), Delta += -w and x_t <- x_ref + S * Delta
+Where a multi-tensor op is a loop over tensors (on CPU), passes over one flat buffer are cheaper: a step
+gathers g and x_t into a flat workspace with one `torch._chunk_cat` (the x_t copy is its second row),
+takes the inner products with BLAS on the flat rows, and forms the update in the x_t row:
+w = x_t - x_base (one multi-tensor op), Delta += -w and x_t <- x_ref + S * Delta
 on flat buffers, copied back with one `torch._foreach_copy_`. Lists that already tile one flat buffer in
 order (x_ref and Delta, which the optimizer allocates that way) are used in place, without a gather. So
 the number of dispatched ops is constant in the number of tensors.
 
-Few large tensors (`few_large`) make per-tensor dispatch negligible and every pass count: there the
-gradients are reduced where they are (no gather) and x_ref + S * Delta is written straight into each
-parameter (no copy back). bfloat16/float16 values are converted for the sums chunk by chunk in a small
-kept buffer (`_row_sums`).
-
-`mechanic_fast._pertensor` implements the same two functions tensor by tensor (what torch.compile
-traces), `mechanic_fast._triton` with Triton kernels.
+With `per_tensor=True` (few large tensors, where per-tensor dispatch is negligible and every pass
+counts) the gradients are reduced where they are (no gather) and x_ref + S * Delta is written straight
+into each parameter (no copy back). bfloat16/float16 values are converted for the sums chunk by chunk
+in a small kept buffer (`_row_sums`).
 """
 
 from __future__ import annotations
@@ -50,7 +47,7 @@ class Workspace:
     elements in the parameters' dtype), the gradient row being scratch for the update once the sums are
     taken; or, for few large tensors whose gradients are reduced in place, x_t alone (d elements; plus d
     of update scratch with store_delta=False); and a float32 scratch of at most 3 x 2^18 elements for the
-    sums of bfloat16/float16 values. Not used while torch.compile traces (inductor plans its own buffers)."""
+    sums of bfloat16/float16 values."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}
@@ -96,8 +93,8 @@ def workspace_buffer(
     dtype: Optional[torch.dtype] = None,
 ) -> Optional[Tensor]:
     """The named buffer of `workspace` (`like`'s device, `dtype` or `like`'s), or None (a fresh tensor
-    then) without one or while compiling."""
-    if workspace is None or torch.compiler.is_compiling():
+    then) without one."""
+    if workspace is None:
         return None
     return workspace.get(name, shape, like, dtype)
 
@@ -124,9 +121,7 @@ def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
 
 def gather(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """A 1-D tensor holding the elements of `tensors` in order, new or written into `out` (one op;
-    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones). Traced by torch.compile
-    as `_chunk_cat`, which inductor fuses into its consumers (an opaque custom op compiled 14% faster
-    over 50 tensors but made the compiled 4x1024x1024 step 50% slower: it materialises every gather)."""
+    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones)."""
     parts = [t if t.dim() else t.view(1) for t in tensors]
     if out is None:
         return torch._chunk_cat(parts, 0, 1).view(-1)
@@ -141,8 +136,6 @@ def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
     """
     if isinstance(tensors, FlatCopy):
         return tensors.flat
-    if torch.compiler.is_compiling():
-        return None
     if isinstance(tensors, Tiled):
         return tensors.flat
     first = tensors[0]
@@ -159,22 +152,6 @@ def flat(tensors: TensorsOrCopy) -> Tensor:
     """`tensors` as one 1-D tensor: a view when they tile one, else a gathered copy (read-only use)."""
     view = flat_view(tensors)
     return view if view is not None else gather(tensors)
-
-
-# Mean elements per tensor from which a tensor-by-tensor op (one per tensor) beats one more pass over a
-# flat buffer: on CPU an op costs ~1.5 us per tensor, a pass over 2^15 float32 elements ~10 us (measured).
-# On an accelerator a kernel launch (~5 us) costs what a pass over millions of elements does (an estimate
-# from its bandwidth, not measured here: no GPU was lent), so there the flat form is kept for all but
-# very large tensors.
-PER_TENSOR_MIN_NUMEL = 1 << 15
-PER_TENSOR_MIN_NUMEL_ACCELERATOR = 1 << 22
-
-
-def few_large(numel: int, count: int, device: torch.device) -> bool:
-    """Whether `count` tensors of `numel` elements in all, on `device`, are few and large enough for
-    tensor-by-tensor ops (see PER_TENSOR_MIN_NUMEL)."""
-    threshold = PER_TENSOR_MIN_NUMEL if device.type == "cpu" else PER_TENSOR_MIN_NUMEL_ACCELERATOR
-    return numel >= threshold * count
 
 
 def _total_numel(tensors: Sequence[Tensor], *aligned: Any) -> int:
@@ -196,16 +173,17 @@ def inner_products(
     x_sums: bool = True,
     copy_x: bool = False,
     workspace: Optional[Workspace] = None,
+    per_tensor: bool = False,
 ) -> Tuple[Tensor, Optional[FlatCopy]]:
     """Return ``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` (``acc_dtype``) and, with ``copy_x``, a copy of x.
 
     The direction is ``d - d_ref`` (``d`` alone when ``d_ref`` is None), formed elementwise so that a
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
-    ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call.
+    ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call. With
+    ``per_tensor``, gradients already in ``acc_dtype`` are reduced tensor by tensor where they are.
     """
     need_x = x is not None and (copy_x or x_sums)
-    # Few large gradients in the accumulation dtype are reduced where they are, tensor by tensor: a
-    # gather would write them once more only for BLAS to read them as one matrix with x.
+    # few large gradients: a gather would write them once more only for BLAS to read them with x
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     d_first = d.flat if isinstance(d, FlatCopy) else d[0]
@@ -213,7 +191,7 @@ def inner_products(
     g_in_place = (
         g_scattered
         and g[0].dtype == acc_dtype == d_first.dtype  # no conversion needed: BLAS dots where they are
-        and few_large(numel, len(g), g[0].device)
+        and per_tensor
     )
     both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
     x_flat = None
@@ -253,11 +231,9 @@ def inner_products(
     return torch.stack(sums), copy
 
 
-# Elements per chunk where the sums convert to the accumulation dtype on CPU: 3 x 2^18 float32 scratch
-# (3 MiB), within cache, against three fresh full-size float32 copies (page-faulted in on CPU: a bfloat16
-# step over 4 x 1024 x 1024 spent 11.5 ms converting and reducing whole rows, 2.9 ms in chunks of this
-# size). On an accelerator one chunk of fresh memory: its caching allocator hands the same blocks back
-# every step, and a loop of chunks would cost kernel launches.
+# Elements per chunk where the sums convert to the accumulation dtype on CPU: a scratch that stays in
+# cache, where whole-row float32 copies would be fresh memory, page-faulted in at every step. On an
+# accelerator one chunk: its caching allocator hands the same blocks back, and a loop would cost launches.
 SUM_CHUNK = 1 << 18
 
 
@@ -267,7 +243,7 @@ def _row_sums(
     """``<r, d>`` and ``||r||^2`` (`acc_dtype`) for each row r of `rows` ((k, n), or 1-D for one row).
 
     In `acc_dtype` already, BLAS reads each row once: one mv for the dots with `d`, one dot per squared
-    norm (the Gram matrix by mm took 2.2 ms on 4x1024x1024 where these take 1.1 ms). Otherwise (bfloat16
+    norm (the Gram matrix by mm would compute the cross term twice). Otherwise (bfloat16
     or float16 parameters) chunks are converted into a small scratch buffer and reduced there (on CPU;
     elsewhere the whole rows at once, see SUM_CHUNK)."""
     if rows.dtype == acc_dtype and d.dtype == acc_dtype:
@@ -302,6 +278,7 @@ def apply_update(
     scale: Tensor,
     denom: Tensor,
     workspace: Optional[Workspace] = None,
+    per_tensor: bool = False,
 ) -> None:
     """Write x = x_ref + scale * (Delta + u) into ``x``, which holds the base optimizer's result x_base.
 
@@ -309,25 +286,24 @@ def apply_update(
     denom = S_old + eps, or, when stored (``delta`` given), is advanced in place: delta += u.
     Each value is rounded as in both reference implementations (x_t - x_ref is a small difference of
     large numbers, so any other rounding order changes later inner products), but computed as
-    w = x_t - x_base = -u in place of x_t (one multi-tensor op, no gather of x_base; negation is exact),
-    and the new x is formed in x_t's buffer and copied out (four passes with Delta stored), or, for few
-    large tensors, written into each parameter by one addcmul (three passes).
+    w = x_t - x_base = -u in place of x_t (one multi-tensor op, no gather of x_base; negation is exact,
+    so Delta - w rounds as Delta + u), and the new x is formed in x_t's buffer and copied out, or, with
+    ``per_tensor``, written into each parameter by one addcmul.
     ``x_copy`` is consumed (overwritten).
     """
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
-    eager = workspace is not None and not torch.compiler.is_compiling()
-    x_t_parts = workspace.shaped(x_t, x) if eager else _split(x_t, x)
+    x_t_parts = workspace.shaped(x_t, x) if workspace is not None else _split(x_t, x)
     x = list(x)
     if delta is None:
         ref = flat(x_ref)
         # d = x_t - x_ref into the spare gradient row; then w - d / denom = -(Delta + u), negated back exactly
-        spare = workspace.spare_row(x_t) if eager else None
+        spare = workspace.spare_row(x_t) if workspace is not None else None
         if spare is None:
             spare = workspace_buffer(workspace, "update", tuple(x_t.shape), x_t)
         d = torch.sub(x_t, ref) if spare is None else torch.sub(x_t, ref, out=spare)
         torch._foreach_sub_(x_t_parts, x)
         new_neg = x_t.addcdiv_(d, denom, value=-1)  # -(Delta + u)
-        _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1)
+        _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
     else:
         torch._foreach_sub_(x_t_parts, x)  # w = -u
         stored = flat_view(delta)
@@ -335,7 +311,7 @@ def apply_update(
             torch._foreach_sub_(list(delta), _split(x_t, delta))
         else:
             stored.sub_(x_t)  # Delta + u
-        _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1)
+        _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1, per_tensor)
 
 
 def _write_x(
@@ -348,11 +324,12 @@ def _write_x(
     step: Optional[Tensor],
     scale: Tensor,
     value: int,
+    per_tensor: bool,
 ) -> None:
     """x = x_ref + value * scale * step, rounded as one addcmul; `x_t` is free scratch. The flat forms of
     x_ref and step (`ref`, `step`: None where not made yet) are needed, and gathered if not given, only
     where the result is formed flat."""
-    if few_large(x_t.numel(), len(x), x_t.device):
+    if per_tensor:
         for x_i, ref_i, step_i in zip(x, ref_parts, step_parts):
             torch.addcmul(ref_i, step_i, scale, value=value, out=x_i)
     else:

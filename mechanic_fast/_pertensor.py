@@ -1,15 +1,11 @@
-"""Mechanic's O(d) work tensor by tensor: what torch.compile traces.
+"""Mechanic's O(d) work tensor by tensor: what torch.compile traces (`functional` picks it there).
 
-Same contract as `_foreach` (which works on flat buffers, the fastest eager form on CPU, where multi-tensor
-ops are loops over tensors). Traced, flat buffers cost: gathers become copies, BLAS calls need their
-inputs materialised, and inductor cannot fuse across them. Written per tensor instead, inductor makes one
-reduction pass per tensor over g, x and Delta for the four inner products, and fuses the update
-(Delta += u; x = x_ref + S * Delta) into the pointwise kernel that already computes the base optimizer's
-step. Plain per-tensor ops, not multi-tensor ones, which cost compile time (see `apply_update`) and
-give the same kernels (torch has no multi-tensor dot product anyway, and `_foreach_norm` is not
-lowered by inductor).
-For many small tensors on CPU the sums are not traced at all: they go through one custom op
-(`_opaque`), which runs the flat eager code (inductor's loops cost more there, and so does compiling them).
+Traced, flat buffers cost: gathers become copies, BLAS calls need their inputs materialised, and inductor
+cannot fuse across them. Written per tensor, inductor makes one reduction pass per tensor for the four
+inner products and fuses the update (Delta += u; x = x_ref + S * Delta) into the pointwise kernel that
+already computes the base optimizer's step. Plain per-tensor ops, not multi-tensor ones: traced, a
+multi-tensor op is a list node that inductor's lowering takes apart again, for the same kernels (and
+torch has no multi-tensor dot product).
 """
 
 from __future__ import annotations
@@ -19,23 +15,25 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _opaque
 from ._foreach import FlatCopy, TensorList, TensorsOrCopy, Workspace
 
 
 def _tensors(tensors: TensorsOrCopy) -> TensorList:
     """The tensors as a plain list; a flat copy made by the flat implementation is refused."""
-    if isinstance(tensors, FlatCopy):  # made by the flat implementation (a step that ran eagerly)
+    if isinstance(tensors, FlatCopy):
         raise TypeError("the per-tensor implementation takes lists of tensors, not a flat copy")
     return list(tensors)
 
 
 def _dots(a: TensorList, b: TensorList, acc_dtype: torch.dtype) -> Tensor:
     """sum_i <a_i, b_i> accumulated in `acc_dtype`: a product inlined into its sum per tensor, which
-    inductor fuses with the tensor's other sums into one pass over it. (`_foreach_norm` for the squared
-    norms ran as its eager kernel, one more pass per list: compiled 4x1024x1024 step 7.1 ms against 5.2;
-    stacking a tensor's products for one reduction made it 30 ms.)"""
+    inductor fuses with the tensor's other sums into one pass over it."""
     return torch.stack([(p.to(acc_dtype) * q.to(acc_dtype)).sum() for p, q in zip(a, b)]).sum()
+
+
+def copy_of(x: Optional[Sequence[Tensor]], copy_x: bool) -> Optional[TensorList]:
+    """The x_t copy of the per-tensor implementations."""
+    return [t.clone() for t in x] if copy_x and x is not None else None
 
 
 def inner_products(
@@ -52,18 +50,15 @@ def inner_products(
     """``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` and, with ``copy_x``, a copy of x (see `_foreach`)."""
     d = _tensors(d)
     x = _tensors(x) if x is not None else None
-    copy = [t.clone() for t in x] if copy_x and x is not None else None
-    if _opaque.preferred(sum(t.numel() for t in d), len(d), d[0].device):  # many small tensors on CPU
-        return _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums), copy
-    direction = [a - b for a, b in zip(d, d_ref)] if d_ref is not None else d  # see apply_update
+    direction = [a - b for a, b in zip(d, d_ref)] if d_ref is not None else d
     zero = torch.zeros((), dtype=acc_dtype, device=d[0].device)
-    sums = [zero] * 4  # [<d, g>, <d, x>, ||g||^2, ||x||^2]; those of an absent g (or x) are zero
+    sums = [zero] * 4  # those of an absent g (or x) are zero
     if g is not None:
         g = _tensors(g)
         sums[0], sums[2] = _dots(direction, g, acc_dtype), _dots(g, g, acc_dtype)
     if x is not None and x_sums:
         sums[1], sums[3] = _dots(direction, x, acc_dtype), _dots(x, x, acc_dtype)
-    return torch.stack(sums), copy
+    return torch.stack(sums), copy_of(x, copy_x)
 
 
 def apply_update(
@@ -75,18 +70,14 @@ def apply_update(
     denom: Tensor,
     workspace: Optional[Workspace] = None,
 ) -> None:
-    """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as in `_foreach.apply_update`.
-
-    Plain per-tensor ops, not multi-tensor ones: traced, a multi-tensor op is a list node whose n
-    outputs inductor's lowering takes apart one by one; per-tensor ops avoid that and give the same
-    pointwise code. (Measured over 100 tensors, first 5 steps of `torch.compile(opt.step)`: 45.6 s
-    against 46.2 s with the multi-tensor ops, within this machine's noise.)"""
+    """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as `_foreach.apply_update` does (the
+    last step as one fused multiply-add, `addcmul`)."""
     x, x_t, x_ref = _tensors(x), _tensors(x_copy), _tensors(x_ref)
     if delta is None:
         for x_i, t_i, ref_i in zip(x, x_t, x_ref):
             # u + Delta with Delta = (x_t - x_ref) / (S_old + eps)
-            x_i.copy_(((x_i - t_i) + (t_i - ref_i) / denom) * scale + ref_i)
+            x_i.copy_(torch.addcmul(ref_i, (x_i - t_i) + (t_i - ref_i) / denom, scale))
     else:
         for x_i, t_i, ref_i, delta_i in zip(x, x_t, x_ref, _tensors(delta)):
             delta_i.add_(x_i - t_i)  # Delta += u
-            x_i.copy_(delta_i * scale + ref_i)
+            x_i.copy_(torch.addcmul(ref_i, delta_i, scale))

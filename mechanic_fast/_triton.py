@@ -2,8 +2,8 @@
 
 `inner_products` makes one pass over d, d_ref, g and x (writing the x_t copy in the same pass), and
 `apply_update` one pass over x, the copy, x_ref (and Delta). The copy is one flat buffer (`FlatCopy`)
-that only these two functions read. Tensors must be contiguous; a call with a non-contiguous tensor
-runs the foreach implementation instead (the results are the same; it is only slower).
+that only these two functions read. Tensors must be contiguous (`contiguous`; `functional.select_impl`
+picks the foreach implementation otherwise).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from . import _foreach
 from ._foreach import FlatCopy, Workspace, workspace_buffer
 from .kernels import inner_products as kernels
 
@@ -93,7 +92,7 @@ def _table(columns: Sequence[List[int]]) -> List[int]:
     return [v for row in zip(*columns) for v in row]
 
 
-def _contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
+def contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
     return all(
         isinstance(ts, FlatCopy) or all(t.is_contiguous() for t in ts) for ts in lists if ts is not None
     )
@@ -112,10 +111,7 @@ def inner_products(
 ) -> Tuple[Tensor, Optional[FlatCopy]]:
     """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy` (in the workspace)."""
     like = x if x is not None else (g if g is not None else d_ref)
-    if like is None or not _contiguous(d, d_ref, g, x):
-        return _foreach.inner_products(
-            d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x, workspace=workspace
-        )
+    assert like is not None
     n = len(like)
     device = like[0].device
     numels = [t.numel() for t in like]
@@ -162,9 +158,6 @@ def apply_update(
     workspace: Optional[Workspace] = None,
 ) -> None:
     """Same contract as `_foreach.apply_update`, in one pass."""
-    if not _contiguous(x, x_copy, x_ref, delta):
-        _foreach.apply_update(x, x_copy, x_ref, delta, scale, denom, workspace)
-        return
     n = len(x)
     device = x[0].device
     numels = [t.numel() for t in x]
@@ -186,4 +179,4 @@ def apply_update(
     )
 
 
-__all__ = ["apply_update", "inner_products"]
+__all__ = ["apply_update", "contiguous", "inner_products"]

@@ -55,7 +55,7 @@ def test_compile_option_gives_the_eager_result(variant):
     comp, comp_opt, _ = _train(
         lambda ps: mechanize(torch.optim.AdamW, variant=variant, compile=True)(ps, lr=1e-3)
     )
-    assert comp_opt._mechanic_compiled is not None  # fullgraph=True: any graph break would have raised
+    assert comp_opt._mechanic_compiled is not None  # the whole step, base included, compiled
     assert eager_opt.mechanic_scale > 1e-4
     torch.testing.assert_close(comp_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
     for a, b in zip(comp, eager):
@@ -119,33 +119,32 @@ def test_compiled_step_traces_the_foreach_code_even_with_backend_triton():
 
 @pytest.mark.parametrize("whole", [True, False], ids=["compile(opt.step)", "compile=True"])
 def test_both_compiled_forms_trace_the_per_tensor_code(whole, monkeypatch):
-    """Inductor gets the per-tensor code in both forms: with compile=True the step's groups are made
-    eagerly (choosing the flat implementation) and called inside the compiled pre- and post-step work."""
-    from mechanic_fast import _pertensor
+    """Inductor gets the per-tensor code in both forms (compile=True compiles the same whole step)."""
+    from mechanic_fast import functional, optimizer
 
     traced = []
-    for name in ("inner_products", "apply_update"):
-        original = getattr(_pertensor, name)
+    original = functional.select_impl
 
-        def spy(*args, _original=original, _name=name, **kwargs):
-            if torch.compiler.is_compiling():
-                traced.append(_name)
-            return _original(*args, **kwargs)
+    def spy(*args, **kwargs):
+        impl = original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            traced.append(impl.name)
+        return impl
 
-        monkeypatch.setattr(_pertensor, name, spy)
+    monkeypatch.setattr(optimizer, "select_impl", spy)
     factory = lambda ps: mechanize(torch.optim.AdamW, compile=not whole)(ps, lr=1e-3)  # noqa: E731
     _train(factory, compile_whole=whole, steps=3)
-    assert {"inner_products", "apply_update"} <= set(traced), traced
+    assert traced and set(traced) <= {"per_tensor", "per_tensor_opaque_sums"}, traced
 
 
 @pytest.mark.parametrize("sums", ["custom_op", "traced"])
 def test_compiled_sums_through_the_custom_op_or_traced_give_the_eager_result(sums, monkeypatch):
     """Many small tensors on CPU (these) take their sums through `mechanic_fast::inner_products`, one node
     of the graph; few large ones (emulated by a threshold of 1 element) are traced tensor by tensor."""
-    from mechanic_fast import _foreach
+    from mechanic_fast import functional
 
     if sums == "traced":
-        monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", 1)
+        monkeypatch.setattr(functional, "PER_TENSOR_MIN_NUMEL", 1)
     factory = lambda ps: mechanize(torch.optim.AdamW)(ps, lr=1e-3, foreach=True)  # noqa: E731
     eager, eager_opt, _ = _train(factory, steps=12)
     graphs = []

@@ -1,47 +1,40 @@
-"""The O(d) implementations against float64 math and against each other: `_foreach` (flat buffers, eager;
-with its kept workspace and without), `_pertensor` (what torch.compile traces; run eagerly here, and
-compiled in test_compile.py) and the custom op `mechanic_fast::inner_products` (what torch.compile calls
-for the sums of many small tensors on CPU; called eagerly here). Fresh random inputs per seed; a tiled
-and a scattered Delta; a parameter that is a non-contiguous view."""
+"""The implementation-equivalence sweep: every implementation `functional.select_impl` can pick, through
+the functional core (`mechanic_sums`, `mechanic_update`), against float64 math and against each other,
+over dtypes, both Delta layouts (stored, tiled or scattered; recomputed) and shapes that include a 0-d-like
+tensor, odd sizes and a non-contiguous view. Fresh random inputs per seed. The per-tensor ones run
+eagerly here (test_compile.py compiles them); Triton runs under its interpreter (CUDA in bench/gpu_check.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mechanic_fast import _foreach, _opaque, _pertensor
+from mechanic_fast import _foreach, functional
+from mechanic_fast.functional import mechanic_sums, mechanic_update
 
 SHAPES = [(1,), (7,), (33, 5), (300,)]
 
 
-class _CustomOp:
-    """The sums through the custom op (its update is `_pertensor`'s: traced code calls it only for sums)."""
-
-    @staticmethod
-    def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
-        sums = _opaque.inner_products(d, d_ref, g, x, acc_dtype=acc_dtype, x_sums=x_sums)
-        return sums, [t.clone() for t in x] if copy_x and x is not None else None
-
-    apply_update = staticmethod(_pertensor.apply_update)
-
-
 def _impls():
-    """name -> (module, workspace factory, PER_TENSOR_MIN_NUMEL): `_foreach` with few large tensors is
-    emulated by a threshold of 1 element (gradients reduced in place, x written tensor by tensor)."""
-    many_small = _foreach.PER_TENSOR_MIN_NUMEL
-    return {
-        "foreach": (_foreach, lambda: None, many_small),
-        "foreach_workspace": (_foreach, _foreach.Workspace, many_small),
-        "foreach_per_tensor": (_foreach, _foreach.Workspace, 1),
-        "pertensor": (_pertensor, lambda: None, many_small),
-        "custom_op": (_CustomOp, lambda: None, many_small),
+    impls = {
+        i.name: i
+        for i in (
+            functional.FOREACH,
+            functional.FOREACH_PER_TENSOR,
+            functional.PER_TENSOR,
+            functional.PER_TENSOR_OPAQUE_SUMS,
+        )
     }
+    if functional.triton_runnable(torch.device("cpu")):
+        impls["triton"] = functional._triton_impl()
+    return impls
 
 
-def _impl(name, monkeypatch):
-    impl, make_workspace, threshold = _impls()[name]
-    monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", threshold)
-    return impl, make_workspace
+IMPLS = sorted(_impls())
+
+
+def _workspace(name):
+    return _foreach.Workspace() if name.startswith("foreach") or name == "triton" else None
 
 
 def _tiled(tensors):
@@ -66,47 +59,109 @@ def _dot(a, b):
     return sum((u.double() * v.double()).sum() for u, v in zip(a, b))
 
 
-def _run_inner_products(impl, workspace, d, d_ref, g, x, acc_dtype, x_sums):
-    lists = lambda ts: None if ts is None else (ts if isinstance(ts, _foreach.Tiled) else list(ts))  # noqa: E731
-    return impl.inner_products(
-        lists(d),
-        lists(d_ref),
-        lists(g),
-        lists(x),
-        acc_dtype=acc_dtype,
-        x_sums=x_sums,
-        copy_x=True,
-        workspace=workspace,
-    )
+def _non_contiguous_ok(name):
+    return name != "triton"  # select_impl never hands Triton a non-contiguous tensor
 
 
-@pytest.mark.parametrize("impl_name", sorted(_impls()))
+@pytest.mark.parametrize("name", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("x_sums", [True, False])
-def test_inner_products_match_float64(monkeypatch, impl_name, dtype, store_delta, x_sums, seed):
-    impl, make_workspace = _impl(impl_name, monkeypatch)
-    x, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_sums_match_float64(name, dtype, store_delta, x_sums, maximize, seed):
+    impl = _impls()[name]
+    x, g, ref, delta = _inputs(dtype, seed, non_contiguous=_non_contiguous_ok(name))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    d, d_ref = (_tiled(delta), None) if store_delta else (x, _tiled(ref))
-    sums, copy = _run_inner_products(impl, make_workspace(), d, d_ref, g, x, acc, x_sums)
-    direction = [a.double() - (0 if d_ref is None else b.double()) for a, b in zip(d, d_ref or d)]
+    stored = _tiled(delta) if store_delta else None
+    sums, copy = mechanic_sums(
+        x, g, _tiled(ref), stored, impl=impl, acc_dtype=acc, x_sums=x_sums, maximize=maximize,
+        workspace=_workspace(name),
+    )  # fmt: skip
+    direction = delta if store_delta else [a.double() - b.double() for a, b in zip(x, ref)]
+    zero = torch.tensor(0.0, dtype=torch.float64)
     expected = torch.stack(
         [
-            _dot(direction, g),
-            _dot(direction, x) if x_sums else torch.tensor(0.0, dtype=torch.float64),
+            -_dot(direction, g) if maximize else _dot(direction, g),
+            _dot(direction, x) if x_sums else zero,
             _dot(g, g),
-            _dot(x, x) if x_sums else torch.tensor(0.0, dtype=torch.float64),
+            _dot(x, x) if x_sums else zero,
         ]
     )
     assert sums.dtype == acc
-    magnitude = _dot([t.abs() for t in x + g], [t.abs() for t in x + g]) + _dot(
-        [t.abs() for t in direction], [t.abs() for t in direction]
-    )
+    everything = x + g + [t.double().abs() for t in direction]
+    magnitude = _dot([t.abs() for t in everything], [t.abs() for t in everything])
     tolerance = (1e-12 if dtype == torch.float64 else 1e-5) * magnitude
     assert ((sums.double() - expected).abs() <= tolerance).all(), (seed, sums, expected)
     copied = torch.split(copy.flat, copy.numels) if isinstance(copy, _foreach.FlatCopy) else copy
     assert all(torch.equal(c.reshape(t.shape), t) for c, t in zip(copied, x))  # an exact copy of x_t
+
+
+def _step(name, dtype, seed, delta_layout, non_contiguous):
+    """x_t -> copy (mechanic_sums) -> a base step -> mechanic_update, as a Mechanic step runs them."""
+    impl = _impls()[name]
+    x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous=non_contiguous)
+    params = [t.clone() for t in x_t]
+    if non_contiguous:
+        params[2] = x_t[2].clone().t().contiguous().t()  # keep the transposed layout
+    workspace = _workspace(name)
+    stored = {"tiled": _tiled(delta), "scattered": [t.clone() for t in delta], "recomputed": None}[
+        delta_layout
+    ]
+    ref = _tiled(ref)
+    _, copy = mechanic_sums(params, g, ref, stored, impl=impl, acc_dtype=torch.float64, workspace=workspace)
+    for p, u in zip(params, g):  # what a base step leaves in the parameters
+        p.sub_(1e-3 * u)
+    scale, denom = torch.tensor(0.37, dtype=dtype), torch.tensor(0.21, dtype=dtype)
+    mechanic_update(params, copy, ref, stored, scale, denom, impl=impl, workspace=workspace)
+    return x_t, g, ref, delta, params, stored
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("delta_layout", ["tiled", "scattered", "recomputed"])
+def test_update_matches_float64(name, dtype, delta_layout, seed):
+    """x = x_ref + S * (Delta + x_base - x_t), Delta advanced in place when stored."""
+    if name == "triton" and delta_layout == "scattered":
+        pytest.skip("Triton reads Delta where it is; a scattered one is contiguous per tensor (covered)")
+    x_t, g, ref, delta, params, stored = _step(name, dtype, seed, delta_layout, _non_contiguous_ok(name))
+
+    def f64(ts):
+        return [t.double() for t in ts]
+
+    denom, scale = 0.21, 0.37
+    if stored is None:
+        expected_delta = [
+            (a - r) / torch.tensor(denom, dtype=dtype).double() for a, r in zip(f64(x_t), f64(ref))
+        ]
+    else:
+        expected_delta = f64(delta)
+    x_base = [(t - 1e-3 * u) for t, u in zip(x_t, g)]
+    expected_delta = [d + (b.double() - a) for d, b, a in zip(expected_delta, x_base, f64(x_t))]
+    expected = [r + torch.tensor(scale, dtype=dtype).double() * d for r, d in zip(f64(ref), expected_delta)]
+    rtol = 1e-14 if dtype == torch.float64 else 1e-6
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.double(), e, rtol=rtol, atol=rtol * 1e-1)
+    if stored is not None:
+        for s, e in zip(stored, expected_delta):
+            torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("delta_layout", ["tiled", "recomputed"])
+def test_every_implementation_rounds_the_update_alike(dtype, delta_layout, seed):
+    """One rounding order: eagerly, every implementation writes the same bits into x and Delta. (Triton
+    forms bfloat16 values in float32 and rounds once at the end: within one bfloat16 step of the others.)"""
+    if dtype == torch.bfloat16 and delta_layout == "recomputed":
+        pytest.skip("Delta is always stored for bfloat16 parameters")
+    results = {name: _step(name, dtype, seed, delta_layout, False)[4:] for name in IMPLS}
+    first_x, first_delta = results["foreach"]
+    for name, (x, delta) in results.items():
+        pairs = list(zip(x, first_x)) + (list(zip(delta, first_delta)) if delta is not None else [])
+        if name == "triton" and dtype == torch.bfloat16:
+            for a, b in pairs:
+                torch.testing.assert_close(a, b, rtol=2**-7, atol=0)
+        else:
+            assert all(torch.equal(a, b) for a, b in pairs), name
 
 
 @pytest.mark.parametrize("with_workspace", [True, False])
@@ -120,7 +175,7 @@ def test_inner_products_match_float64(monkeypatch, impl_name, dtype, store_delta
         (torch.float32, torch.float32, torch.float64),  # a float32 group beside a float64 one
     ],
 )
-def test_sums_converted_in_chunks_match_float64(
+def test_flat_sums_converted_in_chunks_match_float64(
     monkeypatch, with_workspace, chunk, dtype, delta_dtype, acc, seed
 ):
     """Parameters below the accumulation dtype are converted chunk by chunk (16 elements: 30 chunks, the
@@ -131,7 +186,7 @@ def test_sums_converted_in_chunks_match_float64(
     delta = _tiled([t.to(delta_dtype) for t in delta])
     workspace = _foreach.Workspace() if with_workspace else None
     for _ in range(2):  # the second call reuses the workspace's scratch
-        sums, _ = _run_inner_products(_foreach, workspace, delta, None, g, x, acc, True)
+        sums, _ = _foreach.inner_products(delta, None, g, x, acc_dtype=acc, copy_x=True, workspace=workspace)
     expected = torch.stack([_dot(delta, g), _dot(delta, x), _dot(g, g), _dot(x, x)])
     assert sums.dtype == acc
     magnitude = _dot([t.abs() for t in x + g + list(delta)], [t.abs() for t in x + g + list(delta)])
@@ -140,68 +195,25 @@ def test_sums_converted_in_chunks_match_float64(
         assert workspace.buffers["acc_scratch"].shape == (3, min(chunk, sum(t.numel() for t in x)))
 
 
-@pytest.mark.parametrize("impl_name", sorted(_impls()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("delta_layout", ["tiled", "scattered", "recomputed"])
-def test_apply_update_matches_float64(monkeypatch, impl_name, dtype, delta_layout, seed):
-    """x = x_ref + S * (Delta + x_base - x_t), Delta advanced in place when stored."""
-    impl, make_workspace = _impl(impl_name, monkeypatch)
-    x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous=True)
-    workspace = make_workspace()
-    # the x_t copy as the implementation makes it (its workspace row, for the flat one)
-    _, copy = _run_inner_products(impl, workspace, x_t, None, g, x_t, torch.float64, True)
-    x_base = [t - 1e-3 * u for t, u in zip(x_t, g)]  # what a base step left in the parameters
-    params = [t.clone() for t in x_t]
-    params[2] = x_t[2].clone().t().contiguous().t()  # keep the transposed layout
-    for p, b in zip(params, x_base):
-        p.copy_(b)
-    scale = torch.tensor(0.37, dtype=dtype)
-    denom = torch.tensor(0.21, dtype=dtype)
-    stored = {"tiled": _tiled(delta), "scattered": [t.clone() for t in delta], "recomputed": None}
-    stored = stored[delta_layout]
-    impl.apply_update(params, copy, _tiled(ref), stored, scale, denom, workspace)
-
-    def f64(ts):
-        return [t.double() for t in ts]
-
-    if stored is None:
-        expected_delta = [(a - r) / denom.double() for a, r in zip(f64(x_t), f64(ref))]
+def test_select_impl_is_the_one_decision(monkeypatch):
+    """Eager CPU: flat for many small tensors, per-tensor flat for few large ones; explicit Triton where
+    it runs, the flat one for a non-contiguous tensor; traced: the per-tensor code (see test_compile)."""
+    small = [torch.zeros(8) for _ in range(4)]
+    large = [torch.zeros(functional.PER_TENSOR_MIN_NUMEL)]
+    assert functional.select_impl("auto", small) is functional.FOREACH
+    assert functional.select_impl("foreach", large) is functional.FOREACH_PER_TENSOR
+    assert functional.select_impl("auto", large, numel=8) is functional.FOREACH  # the count given wins
+    monkeypatch.setattr(functional, "triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        functional.select_impl("triton", small)
+    monkeypatch.undo()
+    if functional.triton_runnable(torch.device("cpu")):
+        assert functional.select_impl("triton", small).name == "triton"
+        transposed = [torch.zeros(3, 4).t()]
+        assert functional.select_impl("triton", small, (transposed,)) is functional.FOREACH
     else:
-        expected_delta = f64(delta)
-    expected_delta = [d + (b - a) for d, b, a in zip(expected_delta, f64(x_base), f64(x_t))]
-    expected = [r + scale.double() * d for r, d in zip(f64(ref), expected_delta)]
-    rtol = 1e-14 if dtype == torch.float64 else 1e-6
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.double(), e, rtol=rtol, atol=rtol * 1e-1)
-    if stored is not None:
-        for s, e in zip(stored, expected_delta):
-            torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
-
-
-@pytest.mark.parametrize("threshold", [_foreach.PER_TENSOR_MIN_NUMEL, 1])
-@pytest.mark.parametrize("store_delta", [True, False])
-def test_flat_and_pertensor_updates_agree_bit_for_bit_in_float64(monkeypatch, threshold, store_delta, seed):
-    """Both round each value in the references' order, so in float64 they agree to the last bits (a fused
-    multiply-add may skip one rounding of the product: the bound allows a few ulps of the largest x)."""
-    monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", threshold)
-    results = []
-    for impl, workspace in ((_foreach, _foreach.Workspace()), (_pertensor, None)):
-        x_t, g, ref, delta = _inputs(torch.float64, seed)
-        _, copy = _run_inner_products(impl, workspace, x_t, None, g, x_t, torch.float64, True)
-        params = [(t - 1e-3 * u) for t, u in zip(x_t, g)]
-        stored = _tiled(delta) if store_delta else None
-        impl.apply_update(
-            params,
-            copy,
-            _tiled(ref),
-            stored,
-            torch.tensor(0.37, dtype=torch.float64),
-            torch.tensor(0.21, dtype=torch.float64),
-            workspace,
-        )
-        results.append(params)
-    for a, b in zip(*results):
-        assert ((a - b).abs() <= 4 * torch.finfo(torch.float64).eps * a.abs().max()).all()
+        with pytest.raises(RuntimeError, match="cannot run on cpu"):
+            functional.select_impl("triton", small)
 
 
 def test_custom_op_registration_is_consistent(seed):

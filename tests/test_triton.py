@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mechanic_fast import _backend, _foreach, _triton, mechanize  # noqa: E402
+from mechanic_fast import _foreach, _triton, functional, mechanize  # noqa: E402
 
 # Without a GPU, conftest.py turns on Triton's interpreter (before triton.jit decorates the kernels).
 
@@ -131,18 +131,26 @@ def test_trajectory_matches_foreach(dtype, variant):
 def test_non_contiguous_tensors_take_the_foreach_path(seed):
     gen = torch.Generator().manual_seed(seed)
     x = [torch.randn(8, 6, generator=gen).t(), torch.randn(5, generator=gen)]
-    ref = [torch.randn(6, 8, generator=gen), torch.randn(5, generator=gen)]
-    sums, copy = _triton.inner_products(x, ref, x, x, acc_dtype=torch.float32, copy_x=True)
-    expected, _ = _foreach.inner_products(x, ref, x, x, acc_dtype=torch.float32)
-    torch.testing.assert_close(sums, expected)
-    assert torch.equal(copy.flat, torch.cat([t.reshape(-1) for t in x]))
+    params = [torch.nn.Parameter(t) for t in x]
+    assert not _triton.contiguous(x)
+    assert functional.select_impl("triton", x) is functional.FOREACH
+    opt = mechanize(torch.optim.SGD, backend="triton")(params, lr=0.1)
+    ref = mechanize(torch.optim.SGD, backend="foreach")([torch.nn.Parameter(t.clone()) for t in x], lr=0.1)
+    for _ in range(3):
+        for a, b in zip(params, ref.param_groups[0]["params"]):
+            a.grad = torch.ones_like(a)
+            b.grad = torch.ones_like(b)
+        opt.step()
+        ref.step()
+    for a, b in zip(params, ref.param_groups[0]["params"]):
+        assert torch.equal(a, b)
 
 
 def test_explicit_triton_never_falls_back_silently(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        _backend.select("triton", torch.device("cpu"))
-    assert _backend.select("auto", torch.device("cpu")) is _foreach  # auto picks foreach on CPU
+        functional.select_impl("triton", [torch.ones(3)])
+    assert functional.select_impl("auto", [torch.ones(3)]) is functional.FOREACH  # auto: foreach on CPU
     opt = mechanize(torch.optim.SGD, backend="triton")([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="backend='triton'"):
@@ -152,7 +160,7 @@ def test_explicit_triton_never_falls_back_silently(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_picks_triton_on_cuda_and_matches_foreach():
-    assert _backend.select("auto", torch.device("cuda")) is _triton
+    assert functional.select_impl("auto", [torch.ones(3, device="cuda")]).name == "triton"
     gen = torch.Generator().manual_seed(0)
     x, ref, g = [[t.cuda() for t in lst] for lst in _lists(torch.float32, gen)]
     a, _ = _triton.inner_products(x, ref, g, x, acc_dtype=torch.float32)

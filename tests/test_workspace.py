@@ -23,7 +23,7 @@ def _run(fresh_layout_every_step: bool, store_delta):
             # parameter 1 has no gradient on every third step: the layout must follow
             p.grad = None if (i == 1 and step % 3 == 0) else torch.randn(p.shape, generator=gen)
         if fresh_layout_every_step:
-            opt._mechanic_layout = None
+            opt._mechanic_layout.cached = None
         opt.step()
     return [p.detach().clone() for p in [*params, late]], opt
 
@@ -44,7 +44,7 @@ def test_workspace_is_reused_across_steps():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        (group,) = opt._mechanic_layout[1]
+        (group,) = opt._mechanic_layout.cached[1]
         addresses.append({k: b.data_ptr() for k, b in group.workspace.buffers.items()})
     assert addresses[0] and all(a == addresses[0] for a in addresses)
     # g and x_t gathered side by side; the update reuses the gradient row: 2 copies of the weights
@@ -55,11 +55,11 @@ def test_workspace_is_reused_across_steps():
 def test_few_large_tensors_keep_only_the_x_t_copy(monkeypatch, store_delta):
     """Gradients reduced in place (few large tensors): the workspace holds x_t alone, plus the update's
     scratch when Delta is recomputed; the result equals the gathered layout's."""
-    from mechanic_fast import _foreach
+    from mechanic_fast import functional
 
     results = []
-    for threshold in (_foreach.PER_TENSOR_MIN_NUMEL, 1):
-        monkeypatch.setattr(_foreach, "PER_TENSOR_MIN_NUMEL", threshold)
+    for threshold in (functional.PER_TENSOR_MIN_NUMEL, 1):
+        monkeypatch.setattr(functional, "PER_TENSOR_MIN_NUMEL", threshold)
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(16, 16), (9,), (3, 5)]]
         opt = mechanize(torch.optim.AdamW, store_delta=store_delta)(params, lr=1e-2)
@@ -69,7 +69,7 @@ def test_few_large_tensors_keep_only_the_x_t_copy(monkeypatch, store_delta):
             opt.step()
         results.append([p.detach().clone() for p in params])
     numel = sum(p.numel() for p in params)
-    (group,) = opt._mechanic_layout[1]
+    (group,) = opt._mechanic_layout.cached[1]
     assert group.workspace.nbytes() == (1 if store_delta is None else 2) * numel * 4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

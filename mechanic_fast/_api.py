@@ -1,0 +1,202 @@
+"""`mechanize`, the one public entry point, and what builds mechanized classes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, overload
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from . import _distributed
+from ._config import MechanicConfig
+from ._instance import mechanize_instance, unwrap
+from .optimizer import Mechanic, _default_log_func
+
+# torch's `_use_grad_for_differentiable` wrapper, recognised by its code object.
+_USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
+
+
+def _unwrapped(step: Callable[..., Any]) -> Tuple[Callable[..., Any], bool]:
+    """The base's own step, resolved once per class: without torch's step-hook wrapper (ours fires
+    around the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks would
+    split a compiled mechanized step in three; we apply its grad mode ourselves (second value True)."""
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    if getattr(step, "__code__", None) is _USE_GRAD_CODE:
+        return step.__wrapped__, True
+    return step, False
+
+
+def is_mechanized(opt: Any) -> bool:
+    """True for a mechanized optimizer, also inside accelerate's or Lightning's optimizer wrappers."""
+    return isinstance(unwrap(opt), Mechanic)
+
+
+def mechanic_scale(opt: Any) -> Tensor:
+    """``opt.mechanic_scale`` of a mechanized optimizer, also inside framework wrappers: the factor by
+    which Mechanic multiplies every group's lr (effective lr = ``mechanic_scale(opt) * group["lr"]``)."""
+    inner = unwrap(opt)
+    if not isinstance(inner, Mechanic):
+        raise TypeError(f"{type(inner).__name__} is not mechanized")
+    return inner.mechanic_scale
+
+
+_UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
+_CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = {}
+OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
+
+
+@overload
+def mechanize(Base: Type[OptimizerT], *args: Any, **options: Any) -> Type[OptimizerT]: ...
+
+
+@overload
+def mechanize(Base: OptimizerT, *args: Any, **options: Any) -> OptimizerT: ...
+
+
+def mechanize(
+    Base: Any,
+    s_decay: Optional[float] = None,
+    betas: Sequence[float] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999),
+    s_init: Optional[float] = None,
+    eps: float = 1e-8,
+    store_delta: Optional[bool] = None,
+    log_func: Optional[Callable[[Dict[str, Any]], Any]] = None,
+    log_every: int = 0,
+    *,
+    variant: str = "paper",
+    backend: str = "auto",
+    compile: bool = False,
+    ref_dtype: Optional[str] = None,
+    skip_nonfinite: bool = False,
+    lr_invariant: bool = False,
+    partition_group: Any = None,
+) -> Any:
+    """Wrap a torch optimizer in the Mechanic learning-rate tuner.
+
+    ``mechanize(torch.optim.AdamW)`` returns a subclass of AdamW (and of `Mechanic`) used exactly like
+    AdamW: ``opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)``. Every step runs the base
+    optimizer, then rescales its update by a learned scale S: the parameters become
+    ``x_ref + S * Delta``, where ``x_ref`` are the parameters at the first step and ``Delta`` the sum of
+    the base's updates. The effective learning rate of a group is ``S * group["lr"]``
+    (`mechanic_scale`). Given an optimizer instance instead of a class (also inside accelerate's,
+    Lightning's or ZeroRedundancyOptimizer's wrapper), it is mechanized in place, keeps its state, and
+    is returned.
+
+    Args:
+        Base: a ``torch.optim.Optimizer`` subclass, or an optimizer instance.
+        s_decay: lambda in the paper, the weight of the ``lambda * S * ||g|| / ||x|| * x`` term that
+            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01 (10 with
+            ``lr_invariant``, where S is measured in units of the reference lr).
+        betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
+            their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
+            Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
+        s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch;
+            with ``lr_invariant``, the first effective lr relative to the reference lr: 1e-9).
+        eps: floor of the tuner's divisions.
+        store_delta: keep Delta as state (True) or recompute it as (x - x_ref) / S (False). None decides
+            from the parameters: kept unless every x_ref is float64 (recomputed in float32 it can be lost
+            to rounding while S is small, and then S never grows).
+        log_func, log_every: call ``log_func({"iter_count": int, "s": float})`` every ``log_every``
+            steps (default: the ``mechanic_fast`` logger); only logging steps sync with the host.
+        variant: ``"paper"`` (the math of optax.contrib.mechanize) or ``"mechanic_pytorch"`` (that of
+            the mechanic-pytorch package, to float rounding).
+        backend: ``"foreach"`` (torch multi-tensor ops), ``"triton"`` (Triton kernels; raises where they
+            cannot run) or ``"auto"`` (Triton on CUDA when it imports, else foreach).
+        compile: compile Mechanic's own work with ``torch.compile(fullgraph=True)``.
+        ref_dtype: ``"float32"`` keeps x_ref and Delta in float32 for bfloat16/float16 parameters.
+        skip_nonfinite: skip (and count in ``opt.mechanic_skipped_steps``) a step whose gradients hold
+            NaN/Inf, at the cost of one host sync per step.
+        lr_invariant: measure the scale in units of a reference lr (group 0's lr when the tuner is
+            made), so that multiplying every lr by a constant changes nothing for a base whose update is
+            proportional to lr: the same effective lr and parameters at every step. ``s_init`` and
+            ``s_decay`` are then in those units (None: 1e-9 and 10, the paper's defaults at lr 1e-3).
+            Off by default: the paper variant is the default.
+        partition_group: a process group over which this optimizer's parameters are disjoint parts of one
+            model (pipeline stages, a hand-made partition): the sums are added over it. DDP, FSDP1/2,
+            tensor/sequence parallel and ZeroRedundancyOptimizer are recognised without it.
+
+    Returns:
+        The mechanized class, or the given instance, mechanized.
+
+    Raises:
+        TypeError: ``Base`` is not an optimizer, is mechanized already, or cannot be (LBFGS, SparseAdam).
+        ValueError: an option is out of range.
+    """
+    cfg = MechanicConfig(
+        s_decay=s_decay,
+        betas=tuple(betas) if not isinstance(betas, (str, bytes)) else betas,  # type: ignore[arg-type]
+        s_init=s_init,
+        eps=eps,
+        store_delta=store_delta,
+        log_every=log_every,
+        variant=variant,
+        backend=backend,
+        compile=compile,
+        ref_dtype=ref_dtype,
+        skip_nonfinite=skip_nonfinite,
+        lr_invariant=lr_invariant,
+    )
+    if log_func is not None and not callable(log_func):
+        raise TypeError(f"log_func must be callable, got {log_func!r}")
+    if len(cfg.betas) == 2 and cfg.betas[0] < cfg.betas[1]:
+        warnings.warn(
+            f"mechanize(betas={cfg.betas}) looks like an Adam (beta1, beta2) pair, but these are "
+            "Mechanic's betas: one tuner per value, whose scales are summed (default 6 values 1 - 10^-i). "
+            "Adam's betas go to the base optimizer: mechanize(torch.optim.AdamW)(params, betas=(0.9, "
+            "0.999)). Keep these if two tuners are what you meant.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if isinstance(Base, torch.optim.Optimizer) or isinstance(unwrap(Base), torch.optim.Optimizer):
+        return mechanize_instance(Base, cfg, log_func, partition_group)
+    if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
+        raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
+    if issubclass(Base, Mechanic):
+        raise TypeError(f"{Base.__name__} is already mechanized")
+    if issubclass(Base, _UNSUPPORTED):
+        raise TypeError(
+            f"Mechanic cannot wrap {Base.__name__}: "
+            + (
+                "its line search and curvature history assume the step it took, which Mechanic rescales"
+                if issubclass(Base, torch.optim.LBFGS)
+                else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
+            )
+        )
+    return mechanized_class(Base, cfg, log_func, partition_group)
+
+
+def mechanized_class(
+    Base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], partition_group: Any = None
+) -> type:
+    """The mechanized subclass of `Base`, one per (base, options, log_func, partition group): an optimizer,
+    its deepcopy and its unpickled copy share it."""
+    key = (Base, cfg, log_func, partition_group)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        base_step, sets_grad_mode = _unwrapped(Base.step)
+        cls = _CLASSES[key] = type(
+            f"Mechanized{Base.__name__}",
+            (Mechanic, Base),
+            {
+                "_mechanic_config": cfg,
+                "_mechanic_base_class": Base,
+                "_mechanic_log_func": staticmethod(log_func or _default_log_func),
+                "_mechanic_base_step_fn": staticmethod(base_step),
+                "_mechanic_base_sets_grad_mode": sets_grad_mode,
+                "_mechanic_partition_group": (
+                    None if partition_group is None else _distributed.GroupRef(partition_group)
+                ),
+                "__qualname__": f"Mechanized{Base.__name__}",
+                "__module__": Mechanic.__module__,
+            },
+        )
+    return cls
+
+
+def rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
+    """An empty instance of the mechanized class (pickle and deepcopy then set its state)."""
+    cls = mechanized_class(base, cfg, log_func)
+    return cls.__new__(cls)

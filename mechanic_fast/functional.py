@@ -1,0 +1,170 @@
+"""Mechanic's O(d) work as two functions of explicit tensor lists, and the one place that picks the
+implementation doing it.
+
+For one list of parameters x (one device, one dtype) with gradients g, reference point x_ref and
+Delta = sum of the base's updates (paper symbols in brackets):
+
+- `mechanic_sums`: ``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]``, taken before the base step (the
+  tuner's inputs; with Delta not stored, x - x_ref stands for S * Delta), and a copy of x_t;
+- `mechanic_update`: after the base step moved x to x_base, with u = x_base - x_t,
+  ``Delta <- Delta + u; x <- x_ref + S * Delta`` (Delta not stored: ``(x_t - x_ref) / (S_old + eps) + u``).
+
+Every implementation rounds the update in that order, so they agree exactly on the update and to
+summation order on the sums (tests/test_implementations.py sweeps them against each other):
+
+- ``foreach``: flat buffers and multi-tensor torch ops, eager, any device;
+- ``foreach_per_tensor``: the same, but reducing and writing tensor by tensor, for few large tensors
+  (where a gather into one buffer is a pass that costs more than the per-tensor dispatch it saves);
+- ``per_tensor``: plain per-tensor ops, what torch.compile traces and fuses into its own kernels;
+- ``per_tensor_opaque_sums``: the same, but the sums of many small CPU tensors go through one custom op
+  that runs the flat code (pays in compile time: bench/compile_times.py);
+- ``triton``: one Triton kernel per function, eager, CUDA (or its CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _foreach, _opaque, _pertensor
+
+# Mean elements per tensor from which per-tensor work beats one more pass over a flat buffer: on CPU a
+# multi-tensor op is a loop costing about as much per tensor as a pass over this many elements; on an
+# accelerator a kernel launch costs what a pass over millions of elements does.
+PER_TENSOR_MIN_NUMEL = 1 << 15
+PER_TENSOR_MIN_NUMEL_ACCELERATOR = 1 << 22
+
+
+class Impl(NamedTuple):
+    """An implementation: `sums(d, d_ref, g, x, *, acc_dtype, x_sums, copy_x, workspace)` returns
+    ``([<d - d_ref, g>, <d - d_ref, x>, ||g||^2, ||x||^2], copy of x or None)``;
+    `update(x, x_t, x_ref, delta, scale, denom, workspace)` writes the update into x."""
+
+    name: str
+    sums: Callable[..., Tuple[Tensor, Any]]
+    update: Callable[..., None]
+
+
+FOREACH = Impl("foreach", _foreach.inner_products, _foreach.apply_update)
+FOREACH_PER_TENSOR = Impl(
+    "foreach_per_tensor",
+    functools.partial(_foreach.inner_products, per_tensor=True),
+    functools.partial(_foreach.apply_update, per_tensor=True),
+)
+PER_TENSOR = Impl("per_tensor", _pertensor.inner_products, _pertensor.apply_update)
+PER_TENSOR_OPAQUE_SUMS = Impl("per_tensor_opaque_sums", _opaque.inner_products, _pertensor.apply_update)
+
+
+def _triton_impl() -> Impl:
+    from . import _triton  # imports triton: only when asked for
+
+    return Impl("triton", _triton.inner_products, _triton.apply_update)
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton compiles for CUDA; on other devices only its interpreter (TRITON_INTERPRET=1) runs it."""
+    if not triton_importable():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse an explicit backend="triton" that cannot run on `device` (before anything changed)."""
+    if backend != "triton":
+        return
+    if not triton_importable():
+        raise RuntimeError(
+            "backend='triton' was requested but triton cannot be imported (pip install triton)"
+        )
+    if not triton_runnable(device):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device.type} tensors: Triton compiles for CUDA only; "
+            "set TRITON_INTERPRET=1 to run its interpreter on CPU, or use backend='foreach'"
+        )
+
+
+def select_impl(
+    backend: str,
+    x: Sequence[Tensor],
+    aligned: Sequence[Optional[Sequence[Tensor]]] = (),
+    numel: Optional[int] = None,
+) -> Impl:
+    """The implementation for one group: parameters `x` (`numel` elements in all, counted if None) and
+    the lists aligned with them (`aligned`: gradients, x_ref, Delta). The only place that decides."""
+    device = x[0].device
+    if numel is None:
+        numel = sum(t.numel() for t in x)
+    threshold = PER_TENSOR_MIN_NUMEL if device.type == "cpu" else PER_TENSOR_MIN_NUMEL_ACCELERATOR
+    few_large = numel >= threshold * len(x)
+    if torch.compiler.is_compiling():
+        # inductor fuses per-tensor code into its own kernels; Triton's host-built pointer tables
+        # cannot be traced, whatever `backend` says
+        return PER_TENSOR if few_large or device.type != "cpu" else PER_TENSOR_OPAQUE_SUMS
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_importable() else "foreach"
+    if backend == "triton":
+        check_backend(backend, device)
+        from . import _triton
+
+        if _triton.contiguous(x, *aligned):  # its kernels read tensors as flat memory
+            return _triton_impl()
+    return FOREACH_PER_TENSOR if few_large else FOREACH
+
+
+def mechanic_sums(
+    x: Sequence[Tensor],
+    grads: Optional[Sequence[Tensor]],
+    x_ref: Sequence[Tensor],
+    delta: Optional[Sequence[Tensor]],
+    *,
+    impl: Impl,
+    acc_dtype: torch.dtype,
+    x_sums: bool = True,
+    maximize: bool = False,
+    x_t: Any = None,
+    copy_x: bool = True,
+    workspace: Optional[_foreach.Workspace] = None,
+) -> Tuple[Tensor, Any]:
+    """``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]`` in `acc_dtype`, and (`copy_x`) a copy of x for
+    `mechanic_update`.
+
+    Delta is `delta` when stored, else ``x_t - x_ref`` (x_t: a copy made by an earlier call, default
+    x itself), formed elementwise so that a small displacement from x_ref keeps its precision. The sums
+    of absent `grads` (or of x when not `x_sums`) are 0. With `maximize` the base moves along +g, so
+    the inner product is taken with -g."""
+    d, d_ref = (delta, None) if delta is not None else (x if x_t is None else x_t, x_ref)
+    sums, copy = impl.sums(
+        d, d_ref, grads, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x, workspace=workspace
+    )
+    if maximize:  # <Delta, -g>; the norms do not change
+        sums = torch.cat([sums[:1].neg(), sums[1:]])
+    return sums, copy
+
+
+def mechanic_update(
+    x: Sequence[Tensor],
+    x_t: Any,
+    x_ref: Sequence[Tensor],
+    delta: Optional[Sequence[Tensor]],
+    scale: Tensor,
+    denom: Tensor,
+    *,
+    impl: Impl,
+    workspace: Optional[_foreach.Workspace] = None,
+) -> None:
+    """x <- x_ref + scale * Delta_new, where x holds the base step's result x_base, `x_t` the copy
+    `mechanic_sums` made, and Delta_new = Delta + (x_base - x_t) (stored Delta advanced in place) or,
+    with `delta` None, (x_t - x_ref) / denom + (x_base - x_t). `x_t` is consumed."""
+    impl.update(x, x_t, x_ref, delta, scale, denom, workspace)
