@@ -2,7 +2,7 @@
 the functional core (`mechanic_sums`, `mechanic_update`), against float64 math and against each other,
 over dtypes, both Delta layouts (stored, tiled or scattered; recomputed) and shapes that include a 0-d-like
 tensor, odd sizes and a non-contiguous view. Fresh random inputs per seed. The per-tensor ones run
-eagerly here (test_compile.py compiles them); Triton runs under its interpreter (CUDA in bench/gpu_check.py)."""
+eagerly here (test_compile.py compiles them); Triton under its interpreter (CUDA: bench/gpu_check.py)."""
 
 from __future__ import annotations
 
