@@ -24,7 +24,8 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from mechanic_fast import _foreach, benchmark, mechanize
+from mechanic_fast import functional, mechanize
+from mechanic_fast.tools import sweep as benchmark
 
 
 def _run_steps(
@@ -62,13 +63,13 @@ def check_triton_matches_foreach() -> List[str]:
                     ("foreach per tensor", "foreach", 1),
                     ("triton", "triton", None),
                 ):
-                    default = _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR
-                    _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR = threshold or default
+                    default = functional.PER_TENSOR_MIN_NUMEL_ACCELERATOR
+                    functional.PER_TENSOR_MIN_NUMEL_ACCELERATOR = threshold or default
                     try:
                         Opt = mechanize(torch.optim.AdamW, backend=backend, variant=variant)
                         runs[label] = _run_steps(lambda ps, Opt=Opt: Opt(ps, lr=1e-2), shapes, dtype)
                     finally:
-                        _foreach.PER_TENSOR_MIN_NUMEL_ACCELERATOR = default
+                        functional.PER_TENSOR_MIN_NUMEL_ACCELERATOR = default
                 pf, sf = runs["foreach"]
                 tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
                 for label in ("triton", "foreach per tensor"):

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from mechanic_fast import benchmark, mechanize
+from mechanic_fast import mechanize
+from mechanic_fast.tools import sweep as benchmark
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from mechanic_fast import mechanize
-from mechanic_fast.cli import CharModel, load_corpus
+from mechanic_fast.tools.demo import CharModel, load_corpus
 
 METHODS = ("plain", "paper", "invariant")
 BASES = {"adamw": (torch.optim.AdamW, dict(weight_decay=0.01)), "sgd": (torch.optim.SGD, dict(momentum=0.9))}
@@ -64,7 +64,7 @@ def _classify_task(seed: int):
     import os
     import sysconfig
 
-    from mechanic_fast.cli import CORPUS_MODULES
+    from mechanic_fast.tools.demo import CORPUS_MODULES
 
     root = sysconfig.get_paths()["stdlib"]
     texts = [open(os.path.join(root, name), "rb").read() for name in CORPUS_MODULES]

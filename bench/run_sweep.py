@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from mechanic_fast import benchmark
+from mechanic_fast.tools import sweep as benchmark
 
 
 def main() -> int:

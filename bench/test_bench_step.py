@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechanic_fast.benchmark import MAX_COMPILED_TENSORS, Unavailable, _make_optimizer, shape_sets
+from mechanic_fast.tools.sweep import MAX_COMPILED_TENSORS, Unavailable, _make_optimizer, shape_sets
 
 SHAPES = shape_sets(quick=False)
 IMPLS = ["base", "mechanic_pytorch", "foreach", "base_compiled", "compiled"] + (

@@ -85,7 +85,7 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
 
 
 def _tuned(label):
-    from mechanic_fast.cli import BASES
+    from mechanic_fast.tools.demo import BASES
 
     return next(b.tuned_lr for b in BASES.values() if b.label == label)
 
@@ -97,7 +97,7 @@ def _fake_run(base, lr, mechanized, loss):
 
 
 def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
-    from mechanic_fast.cli import plot_series
+    from mechanic_fast.tools.report import plot_series
 
     nan = float("nan")
     runs = [
@@ -261,7 +261,7 @@ def test_bench_quick_writes_json_markdown_and_png(tmp_path):
 def test_bench_says_not_installed_as_such(monkeypatch):
     import torch
 
-    from mechanic_fast import benchmark
+    from mechanic_fast.tools import sweep as benchmark
 
     monkeypatch.setitem(sys.modules, "mechanic_pytorch", None)  # import fails as if not installed
     rows = benchmark.measure("cpu", torch.float32, "tiny", [torch.Size((4, 4))], ["mechanic_pytorch"], True)
@@ -269,7 +269,7 @@ def test_bench_says_not_installed_as_such(monkeypatch):
 
 
 def test_bench_warns_when_the_machine_is_busy(monkeypatch):
-    from mechanic_fast import benchmark
+    from mechanic_fast.tools import sweep as benchmark
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 0.5))
@@ -279,7 +279,7 @@ def test_bench_warns_when_the_machine_is_busy(monkeypatch):
 
 
 def test_bench_markdown_file_carries_the_load_warning():
-    from mechanic_fast import benchmark
+    from mechanic_fast.tools import sweep as benchmark
 
     rows = [{"device": "cpu", "dtype": "float32", "shape_set": "s", "impl": "base", "floor_ms": 1.0}]
     busy = benchmark.markdown_report(rows, "load average 1.9 on 2 cores: timings are not trustworthy")

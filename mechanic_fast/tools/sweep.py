@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 import weakref
@@ -21,10 +20,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import mechanize
+from .. import mechanize
+from .report import IMPLS, machine_info, markdown_report, markdown_table, plot
 
 Progress = Callable[[int, int, str], None]
-IMPLS = ("base", "mechanic_pytorch", "foreach", "base_compiled", "compiled", "triton")
 # Compiled rows above this many tensors are skipped with a note (compiling a mechanized step over 200
 # tensors takes about 2 minutes on 2 cores, bare AdamW's 40 s; beyond, the sweep would be dominated by it).
 MAX_COMPILED_TENSORS = 200
@@ -319,80 +318,6 @@ def run_sweep(
     if out_png:
         plot(rows, out_png)
     return result
-
-
-def machine_info() -> Dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
-def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
-    head = (
-        "| device | dtype | shapes | impl | step ms | overhead ms | floor ms | overhead / floor "
-        "| speedup vs mechanic-pytorch | peak extra MiB | note |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n"
-    )
-    lines = []
-    for r in rows:
-        peak = r.get("peak_extra_bytes")
-        lines.append(
-            f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['impl']} "
-            f"| {_fmt(r.get('step_ms'), '.2f')} "
-            f"| {_fmt(r.get('overhead_ms'), '.2f')} | {_fmt(r.get('floor_ms'), '.2f')} "
-            f"| {_fmt(r.get('overhead_over_floor'), '.1f')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} "
-            f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} "
-            f"| {r.get('note', '').replace('|', '/')} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-def markdown_report(rows: Sequence[Dict[str, Any]], warning: Optional[str] = None) -> str:
-    """The `--md` file: the table, and the load warning under it when the machine was busy."""
-    return markdown_table(rows) + (f"\n\n**Warning:** {warning}\n" if warning else "\n")
-
-
-def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = sorted({(r["device"], r["dtype"], r["shape_set"]) for r in rows})
-    impls = [i for i in IMPLS if any(r["impl"] == i and "step_ms" in r for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
-    width = 0.8 / max(len(impls), 1)
-    for k, impl in enumerate(impls):
-        values = [
-            next(
-                (
-                    r.get("step_ms", 0.0)
-                    for r in rows
-                    if (r["device"], r["dtype"], r["shape_set"]) == g and r["impl"] == impl
-                ),
-                0.0,
-            )
-            for g in groups
-        ]
-        ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
-    ax.set_ylabel("median step time (ms)")
-    ax.set_title("AdamW(foreach) step: bare and mechanized")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
