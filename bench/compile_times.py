@@ -90,7 +90,7 @@ def main() -> int:
         choices=["step", "own"],
         default="step",
         help="what the mechanized columns compile: torch.compile(opt.step) (step), or mechanize(..., "
-        "compile=True), which compiles Mechanic's own work around an eager base step (own)",
+        "compile=True), which compiles the same whole step (own)",
     )
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()

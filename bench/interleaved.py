@@ -27,7 +27,7 @@ def main() -> int:
     parser.add_argument(
         "--own-compile",
         action="store_true",
-        help="also step mechanize(..., compile=True) (Mechanic's work compiled around the eager base step)",
+        help="also step mechanize(..., compile=True) (the whole step compiled by Mechanic)",
     )
     args = parser.parse_args()
     import mechanic_pytorch

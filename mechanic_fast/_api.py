@@ -105,7 +105,8 @@ def mechanize(
             the mechanic-pytorch package, to float rounding).
         backend: ``"foreach"`` (torch multi-tensor ops), ``"triton"`` (Triton kernels; raises where they
             cannot run) or ``"auto"`` (Triton on CUDA when it imports, else foreach).
-        compile: compile Mechanic's own work with ``torch.compile(fullgraph=True)``.
+        compile: compile the whole mechanized step, base step included, with ``torch.compile`` (what
+            ``torch.compile(opt.step)`` does, for a loop that is not compiled itself).
         ref_dtype: ``"float32"`` keeps x_ref and Delta in float32 for bfloat16/float16 parameters.
         skip_nonfinite: skip (and count in ``opt.mechanic_skipped_steps``) a step whose gradients hold
             NaN/Inf, at the cost of one host sync per step.
@@ -125,19 +126,19 @@ def mechanize(
         TypeError: ``Base`` is not an optimizer, is mechanized already, or cannot be (LBFGS, SparseAdam).
         ValueError: an option is out of range.
     """
+    options = {k: v for k, v in locals().items() if k not in ("Base", "log_func", "partition_group")}
+    cfg = _checked_options(options, log_func)
+    if isinstance(Base, torch.optim.Optimizer) or isinstance(unwrap(Base), torch.optim.Optimizer):
+        return mechanize_instance(Base, cfg, log_func, partition_group)
+    check_base(Base)
+    return mechanized_class(Base, cfg, log_func, partition_group)
+
+
+def _checked_options(options: Dict[str, Any], log_func: Any) -> MechanicConfig:
+    """The options of `mechanize` as a validated config; warns about Adam-like betas."""
+    betas = options["betas"]
     cfg = MechanicConfig(
-        s_decay=s_decay,
-        betas=tuple(betas) if not isinstance(betas, (str, bytes)) else betas,  # type: ignore[arg-type]
-        s_init=s_init,
-        eps=eps,
-        store_delta=store_delta,
-        log_every=log_every,
-        variant=variant,
-        backend=backend,
-        compile=compile,
-        ref_dtype=ref_dtype,
-        skip_nonfinite=skip_nonfinite,
-        lr_invariant=lr_invariant,
+        **{**options, "betas": tuple(betas) if not isinstance(betas, (str, bytes)) else betas}
     )
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
@@ -148,10 +149,13 @@ def mechanize(
             "Adam's betas go to the base optimizer: mechanize(torch.optim.AdamW)(params, betas=(0.9, "
             "0.999)). Keep these if two tuners are what you meant.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if isinstance(Base, torch.optim.Optimizer) or isinstance(unwrap(Base), torch.optim.Optimizer):
-        return mechanize_instance(Base, cfg, log_func, partition_group)
+    return cfg
+
+
+def check_base(Base: Any) -> None:
+    """Refuse what is not an optimizer class, or one Mechanic cannot wrap."""
     if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
         raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
     if issubclass(Base, Mechanic):
@@ -165,7 +169,6 @@ def mechanize(
                 else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
             )
         )
-    return mechanized_class(Base, cfg, log_func, partition_group)
 
 
 def mechanized_class(

@@ -86,6 +86,21 @@ def parse(
         if ours:
             per_param[param] = ours
         _check_base_state(opt, key, param, state[key], torch_base)
+    tuner_entry, fresh = _mechanic_part(opt, cfg, entry, per_param, state, id_map, dtype_of)
+    sd["state"], sd["param_groups"] = state, groups
+    return sd, fresh, tuner_entry
+
+
+def _mechanic_part(
+    opt: torch.optim.Optimizer,
+    cfg: MechanicConfig,
+    entry: Any,
+    per_param: Dict[Tensor, Dict[str, Tensor]],
+    state: Dict[Any, Any],
+    id_map: Dict[Any, Tensor],
+    dtype_of: Callable[[Tensor], torch.dtype],
+) -> Tuple[Optional[Dict[str, Any]], Dict[Tensor, Dict[str, Tensor]]]:
+    """The checkpoint's tuner entry (or None) and per-parameter state, checked and laid out as kept."""
     tuner_entry = None
     if entry is not None:
         tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
@@ -113,8 +128,7 @@ def parse(
         if cfg.store_delta:
             for p, d in _state.tiled({p: v[_state.DELTA] for p, v in per_param.items()}, dtype_of).items():
                 fresh[p][_state.DELTA] = d
-    sd["state"], sd["param_groups"] = state, groups
-    return sd, fresh, tuner_entry
+    return tuner_entry, fresh
 
 
 def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> Dict[Any, Tensor]:

@@ -205,15 +205,31 @@ def inner_products(
     d_flat = x_flat if d is x and x_flat is not None else flat(d)
     if d_ref is not None:
         d_flat = d_flat - flat(d_ref)
+    sums = _sums(both, g if both is None else None, x_flat, d_flat, acc_dtype, x_sums, g_in_place, workspace)
+    copy = FlatCopy(x, x_flat) if copy_x and x_flat is not None else None
+    return torch.stack(sums), copy
+
+
+def _sums(
+    both: Optional[Tensor],
+    g: Optional[Sequence[Tensor]],
+    x_flat: Optional[Tensor],
+    d_flat: Tensor,
+    acc_dtype: torch.dtype,
+    x_sums: bool,
+    g_in_place: bool,
+    workspace: Optional[Workspace],
+) -> List[Tensor]:
+    """The four sums from g and x as `inner_products` laid them out: one (2, n) matrix `both`, or `g`
+    (reduced where it is with `g_in_place`, else flat) and `x_flat`; those of an absent one are zero."""
     sums: List[Optional[Tensor]] = [None] * 4
-    if both is not None:  # g and x are one (2, n) matrix: both rows in one pass where x_sums
-        rows = both if x_sums else both[:1]
-        dots, norms = _row_sums(rows, d_flat, acc_dtype, workspace)
+    if both is not None:  # both rows in one pass where x_sums
+        dots, norms = _row_sums(both if x_sums else both[:1], d_flat, acc_dtype, workspace)
         sums[0], sums[2] = dots[0], norms[0]
         if x_sums:
             sums[1], sums[3] = dots[1], norms[1]
     else:
-        if g_in_place:
+        if g is not None and g_in_place:
             parts = [t.reshape(-1) for t in g]
             d_parts = torch.split(d_flat, [t.numel() for t in parts])
             sums[0] = torch.stack([torch.dot(a, b) for a, b in zip(parts, d_parts)]).sum()
@@ -224,11 +240,8 @@ def inner_products(
         if x_flat is not None and x_sums:
             dots, norms = _row_sums(x_flat, d_flat, acc_dtype, workspace)
             sums[1], sums[3] = dots[0], norms[0]
-    if None in sums:
-        zero = d_flat.new_zeros((), dtype=acc_dtype)
-        sums = [zero if v is None else v for v in sums]
-    copy = FlatCopy(x, x_flat) if copy_x and x_flat is not None else None
-    return torch.stack(sums), copy
+    zero = d_flat.new_zeros((), dtype=acc_dtype) if None in sums else None
+    return [zero if v is None else v for v in sums]
 
 
 # Elements per chunk where the sums convert to the accumulation dtype on CPU: a scratch that stays in

@@ -70,6 +70,9 @@ def mechanize_instance(
     opt = unwrap(wrapper)
     if isinstance(opt, Mechanic):
         raise TypeError(f"{type(opt).__name__} is already mechanized")
+    from ._api import check_base, mechanized_class  # (which imports this module)
+
+    check_base(type(opt))
     zero = _zero_redundancy(wrapper)
     if zero is not None and partition_group is None:  # each rank's `.optim` holds its partition
         partition_group = zero.process_group
@@ -95,8 +98,6 @@ def mechanize_instance(
                 "keep running the plain optimizer. Mechanize the optimizer before wrapping its step "
                 "(e.g. before a framework's prepare/setup)"
             )
-    from ._api import mechanized_class  # (which imports this module)
-
     opt.__class__ = mechanized_class(type(opt), cfg, log_func)
     if instance_step is not None:
         del opt.step  # the class's (mechanized) step shows through again

@@ -9,12 +9,14 @@ ids: a step with the same parameters as the last does O(1) Python work per tenso
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _distributed, _foreach, _state
+from . import _distributed, _foreach, _state, tuner
+from ._config import MechanicConfig
 
 
 class Group(NamedTuple):
@@ -84,6 +86,22 @@ class StepLayout:
         self._domains: Optional[
             Tuple[Tuple[int, ...], Dict[int, _distributed.Domain], List[_distributed.Domain]]
         ] = None
+        self._run_cfg: Optional[MechanicConfig] = None
+        self._const: Optional[Tuple[Tuple[Any, ...], tuner.Constants]] = None
+
+    def run_config(self, cfg: MechanicConfig, store_delta: bool) -> MechanicConfig:
+        """The options with `store_delta` as the state has it (decided when the tuner was made, or as
+        loaded, when the option was left at None); kept, so that a compiled step reads an attribute."""
+        if self._run_cfg is None or self._run_cfg.store_delta != store_delta:
+            self._run_cfg = dataclasses.replace(cfg, store_delta=store_delta)
+        return self._run_cfg
+
+    def constants(self, cfg: MechanicConfig, like: Tensor) -> tuner.Constants:
+        """The tuner's constants on `like`'s device, made once (per step they would copy from the host)."""
+        key = (like.device, like.dtype)
+        if self._const is None or self._const[0] != key:
+            self._const = (key, tuner.constants(cfg, like.device, like.dtype))
+        return self._const[1]
 
     @staticmethod
     def gather(param_groups: List[Dict[str, Any]]) -> Tuple[List[Tensor], List[Tensor], List[bool]]:

@@ -9,7 +9,7 @@ many small tensors (bench/compile_times.py and bench/compiled_sums_ab.py measure
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,32 +42,15 @@ def _inner_products(
     return sums
 
 
-def _inner_products_fake(
-    d: List[Tensor],
-    d_ref: List[Tensor],
-    g: List[Tensor],
-    x: List[Tensor],
-    acc_dtype: torch.dtype,
-    x_sums: bool,
-) -> Tensor:
-    return d[0].new_empty((4,), dtype=acc_dtype)
+def _inner_products_fake(d: List[Tensor], *_: Any) -> Tensor:
+    return d[0].new_empty((4,), dtype=_[3])  # acc_dtype, the op's fifth argument
 
 
 _LIB.impl("inner_products", _inner_products, "CompositeExplicitAutograd")
 torch.library.register_fake("mechanic_fast::inner_products", _inner_products_fake, lib=_LIB)
 
 
-def inner_products(
-    d: Sequence[Tensor],
-    d_ref: Optional[Sequence[Tensor]],
-    g: Optional[Sequence[Tensor]],
-    x: Optional[Sequence[Tensor]],
-    *,
-    acc_dtype: torch.dtype,
-    x_sums: bool = True,
-    copy_x: bool = False,
-    workspace: Optional[_foreach.Workspace] = None,
-) -> Tuple[Tensor, Optional[List[Tensor]]]:
+def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
     """`_foreach.inner_products` through the op; the copy of x is `_pertensor`'s (a list)."""
     copy = _pertensor.copy_of(x, copy_x)
     sums = torch.ops.mechanic_fast.inner_products(

@@ -10,12 +10,12 @@ torch has no multi-tensor dot product).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._foreach import FlatCopy, TensorList, TensorsOrCopy, Workspace
+from ._foreach import FlatCopy, TensorList, TensorsOrCopy
 
 
 def _tensors(tensors: TensorsOrCopy) -> TensorList:
@@ -36,17 +36,7 @@ def copy_of(x: Optional[Sequence[Tensor]], copy_x: bool) -> Optional[TensorList]
     return [t.clone() for t in x] if copy_x and x is not None else None
 
 
-def inner_products(
-    d: TensorsOrCopy,
-    d_ref: Optional[Sequence[Tensor]],
-    g: Optional[Sequence[Tensor]],
-    x: Optional[Sequence[Tensor]],
-    *,
-    acc_dtype: torch.dtype,
-    x_sums: bool = True,
-    copy_x: bool = False,
-    workspace: Optional[Workspace] = None,
-) -> Tuple[Tensor, Optional[TensorList]]:
+def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
     """``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` and, with ``copy_x``, a copy of x (see `_foreach`)."""
     d = _tensors(d)
     x = _tensors(x) if x is not None else None
@@ -61,15 +51,7 @@ def inner_products(
     return torch.stack(sums), copy_of(x, copy_x)
 
 
-def apply_update(
-    x: Sequence[Tensor],
-    x_copy: TensorsOrCopy,
-    x_ref: Sequence[Tensor],
-    delta: Optional[Sequence[Tensor]],
-    scale: Tensor,
-    denom: Tensor,
-    workspace: Optional[Workspace] = None,
-) -> None:
+def apply_update(x, x_copy, x_ref, delta, scale, denom, workspace=None):
     """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as `_foreach.apply_update` does (the
     last step as one fused multiply-add, `addcmul`)."""
     x, x_t, x_ref = _tensors(x), _tensors(x_copy), _tensors(x_ref)

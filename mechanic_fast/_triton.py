@@ -16,7 +16,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ._foreach import FlatCopy, Workspace, workspace_buffer
+from ._foreach import FlatCopy, workspace_buffer
 from .kernels import inner_products as kernels
 
 TL_DTYPES = {
@@ -98,17 +98,7 @@ def contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
     )
 
 
-def inner_products(
-    d: TensorsOrCopy,
-    d_ref: Optional[Sequence[Tensor]],
-    g: Optional[Sequence[Tensor]],
-    x: Optional[Sequence[Tensor]],
-    *,
-    acc_dtype: torch.dtype,
-    x_sums: bool = True,
-    copy_x: bool = False,
-    workspace: Optional[Workspace] = None,
-) -> Tuple[Tensor, Optional[FlatCopy]]:
+def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
     """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy` (in the workspace)."""
     like = x if x is not None else (g if g is not None else d_ref)
     assert like is not None
@@ -148,15 +138,7 @@ def inner_products(
     return partial.sum(dim=0), copy  # rows reduced in a fixed order: deterministic
 
 
-def apply_update(
-    x: Sequence[Tensor],
-    x_copy: TensorsOrCopy,
-    x_ref: Sequence[Tensor],
-    delta: Optional[Sequence[Tensor]],
-    scale: Tensor,
-    denom: Tensor,
-    workspace: Optional[Workspace] = None,
-) -> None:
+def apply_update(x, x_copy, x_ref, delta, scale, denom, workspace=None):
     """Same contract as `_foreach.apply_update`, in one pass."""
     n = len(x)
     device = x[0].device

@@ -10,7 +10,6 @@ logging steps and with skip_nonfinite.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -66,8 +65,6 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_layout = _layout.StepLayout()
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
-        self._mechanic_run_cfg: Optional[MechanicConfig] = None
-        self._mechanic_const: Optional[Tuple[Tuple[Any, ...], tuner.Constants]] = None
         self._mechanic_tuner()
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -142,7 +139,7 @@ class Mechanic(torch.optim.Optimizer):
             # a step that creates state runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
         entry = self._mechanic_tuner()
-        cfg = self._mechanic_run_config(entry)
+        cfg = layout.run_config(self._mechanic_config, entry["store_delta"])
         with torch.no_grad():
             refs, new_refs = layout.refs(self.state, params, known, cfg.store_delta, self._mechanic_ref_dtype)
         if _layout.lr_is_zero(self.param_groups):
@@ -158,19 +155,16 @@ class Mechanic(torch.optim.Optimizer):
             acc = _layout.acc_dtype(groups, entry["s"].dtype)
             parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
             sums = layout.total(parts, device, acc, everything, partition)
-            # opt-in, the one host sync per step; nothing new was committed yet, so a skip leaves no trace
-            if cfg.skip_nonfinite and not bool(torch.isfinite(sums).all()):
-                # summed over ranks, the sums decide alone: every rank must skip alike
-                if joins_others or not all(bool(torch.isfinite(g).all()) for g in grads):
-                    self.mechanic_skipped_steps += 1
-                    return loss
+            if cfg.skip_nonfinite and _skips(sums, grads, joins_others):  # nothing was committed yet
+                self.mechanic_skipped_steps += 1
+                return loss
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
             if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
                 post, _ = _group_sums(groups, impls, acc, x_sums=True, copies=copies)
                 sums = sums + layout.total(post, device, acc, everything, partition)
-            scale, denom = _state.advance_tuner(entry, sums, self._mechanic_constants(entry["s"]), cfg)
+            scale, denom = _state.advance_tuner(entry, sums, layout.constants(cfg, entry["s"]), cfg)
             for grp, impl, copy in zip(groups, impls, copies):
                 scale_here, denom_here = (
                     t.to(grp.params[0].device, non_blocking=True) for t in (scale, denom)
@@ -190,22 +184,6 @@ class Mechanic(torch.optim.Optimizer):
         if cfg.log_every > 0:
             self._mechanic_log(entry)
         return loss if closure is not None else result
-
-    def _mechanic_run_config(self, entry: Dict[str, Any]) -> MechanicConfig:
-        """The options with `store_delta` as the state has it (decided when the tuner was made, or as
-        loaded, when the option was left at None); kept, so that a compiled step reads an attribute."""
-        if self._mechanic_run_cfg is None or self._mechanic_run_cfg.store_delta != entry["store_delta"]:
-            self._mechanic_run_cfg = dataclasses.replace(
-                self._mechanic_config, store_delta=entry["store_delta"]
-            )
-        return self._mechanic_run_cfg
-
-    def _mechanic_constants(self, like: Tensor) -> tuner.Constants:
-        """The tuner's constants on `like`'s device, made once (per step they would copy from the host)."""
-        key = (like.device, like.dtype)
-        if self._mechanic_const is None or self._mechanic_const[0] != key:
-            self._mechanic_const = (key, tuner.constants(self._mechanic_config, like.device, like.dtype))
-        return self._mechanic_const[1]
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """The base optimizer's own step, without its step hooks (ours fire around this one); the
@@ -239,6 +217,15 @@ class Mechanic(torch.optim.Optimizer):
         the current parameters at the next step). torch's hooks run as torch runs them; everything is
         validated before anything changes, and Mechanic's tensors keep their dtypes (`_state.load`)."""
         _checkpoint.load(self, state_dict, super().load_state_dict)
+
+
+def _skips(sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
+    """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step). Non-finite
+    gradients make the sums non-finite; finite ones that overflow them are not skipped (`tuner.step`
+    then leaves the tuner as it was). Summed over ranks, the sums decide alone: all ranks skip alike."""
+    if bool(torch.isfinite(sums).all()):
+        return False
+    return joins_others or not all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _group_sums(

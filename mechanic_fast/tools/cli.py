@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"mechanic-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "demo",
         help="train on real data: how much the base lr matters with and without Mechanic",
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", help="write the results (per-step losses and scales) to this .json file")
     d.set_defaults(func=demo, subparser=d)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="benchmark a mechanized step against the bare step, mechanic-pytorch and the memory floor",
@@ -196,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--md", help="write the markdown table to this .md file")
     b.add_argument("--plot", help="write a bar plot of step times to this .png file")
     b.set_defaults(func=bench, subparser=b)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

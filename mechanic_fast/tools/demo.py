@@ -10,7 +10,7 @@ import os
 import sys
 import sysconfig
 import time
-from typing import Any, Dict, NamedTuple, Sequence
+from typing import Any, Dict, List, NamedTuple, Sequence
 
 import torch
 
@@ -196,18 +196,7 @@ def demo(args: argparse.Namespace) -> int:
         else:
             runs.append(run)
     progress.close()
-    # The reference is the best plain run made here, at these settings: the lr tuned at the default
-    # settings need not be the best at others (fewer steps, another batch size).
-    extra, tuned = tuned, {}
-    for base in bases:
-        plain = [r for r in runs if r["base"] == base.label and r["method"] == "plain"]
-        plain += [extra[base.label]] if base.label in extra else []
-        best = min(plain, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
-        tuned[base.label] = {
-            **best,
-            "optimizer": f"{base.label} (best plain)",
-            "chosen_from": sorted({r["base_lr"] for r in plain}),
-        }
+    tuned = _best_plain(runs, tuned, bases)
     for base in bases:
         print(results_table([r for r in runs if r["base"] == base.label], tuned[base.label]))
         print()
@@ -229,6 +218,22 @@ def demo(args: argparse.Namespace) -> int:
         plot_runs(runs, list(tuned.values()), args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _best_plain(runs: List[Dict[str, Any]], extra: Dict[str, Any], bases: List[Base]) -> Dict[str, Any]:
+    """The reference per base: the best plain run made here, at these settings (the lr tuned at the
+    default settings need not be the best at others: fewer steps, another batch size)."""
+    tuned = {}
+    for base in bases:
+        plain = [r for r in runs if r["base"] == base.label and r["method"] == "plain"]
+        plain += [extra[base.label]] if base.label in extra else []
+        best = min(plain, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+        tuned[base.label] = {
+            **best,
+            "optimizer": f"{base.label} (best plain)",
+            "chosen_from": sorted({r["base_lr"] for r in plain}),
+        }
+    return tuned
 
 
 def _loss(value: float) -> str:

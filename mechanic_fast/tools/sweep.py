@@ -238,7 +238,12 @@ def measure(
     for _ in range(repeats):
         for impl, step in steps.items():
             times[impl].append(_median_ms(step, setters[impl], device, 0, 1))
-    medians = {impl: statistics.median(t) for impl, t in times.items()}
+    _fill_rows(rows, {impl: statistics.median(t) for impl, t in times.items()}, floor)
+    return rows
+
+
+def _fill_rows(rows: List[Dict[str, Any]], medians: Dict[str, float], floor: float) -> None:
+    """Step times, overheads over the bare step and speed-ups over mechanic-pytorch, into `rows`."""
     reference = medians.get("mechanic_pytorch")
     for row in rows:
         row["floor_ms"] = floor
@@ -253,7 +258,6 @@ def measure(
         # a speed-up over mechanic-pytorch says something of a mechanized step only, not of the bare ones
         if reference is not None and not row["impl"].startswith("base"):
             row["speedup_vs_reference"] = reference / row["step_ms"]
-    return rows
 
 
 def _peak_bytes(step: Callable[[], Any], set_grads: Callable[[], Any], device: str) -> Optional[int]:
