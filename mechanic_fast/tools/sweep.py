@@ -282,8 +282,8 @@ def _kept_bytes(step: Callable[[], Any]) -> int:
     """Bytes a mechanized optimizer keeps between steps for them (its workspace), counted in the step's
     peak: they are allocated for the step, only not freed after it."""
     opt = getattr(step, "__self__", None)
-    layout = getattr(opt, "_mechanic_layout", None)
-    return sum(grp.workspace.nbytes() for grp in layout[1]) if layout else 0
+    cached = getattr(getattr(opt, "_mechanic_layout", None), "cached", None)
+    return sum(grp.workspace.nbytes() for grp in cached[1]) if cached else 0
 
 
 # ---------------------------------------------------------------------------------------------- sweep
