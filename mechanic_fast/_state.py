@@ -121,10 +121,11 @@ def tuner_entry(
     """The tuner in param_groups[0], created in its initial state where it is missing (a new optimizer,
     or one that loaded a plain base checkpoint) and moved to where the parameters are."""
     group = param_groups[0]
-    params = [p for g in param_groups for p in g["params"]]
-    device = params[0].device if params else torch.device("cpu")
+    first = next((g["params"][0] for g in param_groups if g["params"]), None)  # per step: no list of all
+    device = first.device if first is not None else torch.device("cpu")
     entry = group.get(TUNER_KEY)
     if entry is None:
+        params = [p for g in param_groups for p in g["params"]]
         cfg = cfg.with_store_delta({dtype_of(p) for p in params})
         dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
         entry = group[TUNER_KEY] = new_tuner(cfg, device, dtype, group.get("lr"))
