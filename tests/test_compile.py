@@ -83,8 +83,8 @@ def test_cuda_graphs_with_a_capturable_base():
 
 
 def test_inductor_foreach_copy_hazard_that_the_commit_avoids():
-    """Why Mechanic commits its tuner state with one copy_ per vector: in torch 2.13, inductor orders
-    a _foreach_copy_ whose sources read one of its destinations wrongly. If this starts passing with
+    """Why Mechanic commits its tuner state with one copy_ per vector: inductor orders a
+    _foreach_copy_ whose sources read one of its destinations wrongly. If this starts passing with
     equal results, the workaround can go."""
 
     def commit(s, r, h):

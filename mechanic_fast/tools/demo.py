@@ -43,7 +43,7 @@ class Base(NamedTuple):
     tuned_lr: float  # the best lr of a grid (see docs/demo.md)
 
 
-# The best lr at the default 1500 steps, from a grid, measured on a 2-core CPU. AdamW from
+# The best lr at the default 1500 steps, from a grid. AdamW from
 # {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}: final validation losses 1.931, 1.714, 1.806, 1.800, 2.285. SGD with
 # momentum 0.9 from {0.01, 0.03, 0.1, 0.3, 1}: 1.866, 1.763, 1.956, 2.248, diverged.
 BASES = {

@@ -24,8 +24,8 @@ from .. import mechanize
 from .report import IMPLS, machine_info, markdown_report, markdown_table, plot
 
 Progress = Callable[[int, int, str], None]
-# Compiled rows above this many tensors are skipped with a note (compiling a mechanized step over 200
-# tensors takes about 2 minutes on 2 cores, bare AdamW's 40 s; beyond, the sweep would be dominated by it).
+# Compiled rows above this many tensors are skipped with a note: compile time grows with the tensor
+# count, and beyond this the sweep would be dominated by it.
 MAX_COMPILED_TENSORS = 200
 
 
