@@ -40,14 +40,9 @@ class FlatCopy:
 
 
 class Workspace:
-    """Flat buffers reused from step to step, one per purpose (x_t and gradients gathered, the update).
-
-    Allocating them fresh every step costs more than filling them on CPU, where a large new buffer is
-    page-faulted in as it is first written. What it holds: g and x_t gathered side by side (2 x d
-    elements in the parameters' dtype), the gradient row being scratch for the update once the sums are
-    taken; or, for few large tensors whose gradients are reduced in place, x_t alone (d elements; plus d
-    of update scratch with store_delta=False); and a float32 scratch of at most 3 x 2^18 elements for the
-    sums of bfloat16/float16 values."""
+    """Flat buffers reused from step to step, by name (fresh ones would be page-faulted in at every step
+    on CPU): g and x_t side by side ("g_x", the g row then scratch for the update), or x_t alone ("x_t")
+    and update scratch ("update"); a small scratch for the sums of bfloat16/float16 ("acc_scratch")."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}
@@ -129,14 +124,9 @@ def gather(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:
-    """The 1-D storage `tensors` tile in order, without copying, or None if they do not.
-
-    Tiling is read from the storage and offsets, not from `Tensor._base`, so buffers that lost their view
-    relation (a deepcopy or unpickled optimizer keeps the shared storage, not `_base`) still qualify.
-    """
-    if isinstance(tensors, FlatCopy):
-        return tensors.flat
-    if isinstance(tensors, Tiled):
+    """The 1-D storage `tensors` tile in order, without copying, or None if they do not. Read from the
+    storage and offsets, not `Tensor._base`, which a deepcopy or unpickled optimizer loses."""
+    if isinstance(tensors, (FlatCopy, Tiled)):
         return tensors.flat
     first = tensors[0]
     storage = first.untyped_storage().data_ptr()
