@@ -43,7 +43,8 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
         opt.state[p].update(tensors)
     if entry is not None:
         opt.param_groups[0][_state.TUNER_KEY] = entry
-    opt._mechanic_attach()  # host caches anew; a plain base checkpoint: the tuner starts afresh
+    opt._mechanic_tuner()  # a plain base checkpoint: the tuner starts afresh
+    opt._mechanic_attach()  # host caches anew
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
 

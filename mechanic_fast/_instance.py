@@ -104,6 +104,7 @@ def mechanize_instance(
     if partition_group is not None:
         opt._mechanic_partition_group = _distributed.GroupRef(partition_group)  # type: ignore[attr-defined]
     opt._mechanic_attach()  # type: ignore[attr-defined]
+    opt._mechanic_tuner()  # type: ignore[attr-defined]
     opt._patch_step_function()  # so step hooks wrap the mechanized step
     if lr_sched_wrapper:  # torch's LR schedulers only record that the step ran: keep doing that
         _flag_step_called(opt)

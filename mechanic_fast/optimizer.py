@@ -47,6 +47,7 @@ class Mechanic(torch.optim.Optimizer):
             self._mechanic_partition_group = _distributed.GroupRef(zero.process_group)
         super().__init__(*args, **kwargs)
         self._mechanic_attach()
+        self._mechanic_tuner()  # the tuner exists from the start, like the options it records
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's `add_param_group`, refusing first what Mechanic cannot tune (`check_group`)."""
@@ -58,14 +59,14 @@ class Mechanic(torch.optim.Optimizer):
 
     def _mechanic_attach(self) -> None:
         """Instance attributes beside the state (after construction, unpickling, loading or `mechanize(opt)`):
-        host caches, never saved or copied; and the tuner, which exists from the start."""
+        host caches, never saved or copied. Not the tuner: torch's `load_state_dict` unpickles through
+        here before Mechanic's part of the checkpoint is in place."""
         self.__dict__.setdefault("mechanic_skipped_steps", 0)  # steps skipped by skip_nonfinite
         # GradScaler must unscale gradients before the inner products read them: no fused unscaling
         self._step_supports_amp_scaling = False
         self._mechanic_layout = _layout.StepLayout()
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
-        self._mechanic_tuner()
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()

@@ -81,6 +81,10 @@ def test_the_reference_lr_is_group_0s_when_made_and_survives_schedules_and_check
     twin.load_state_dict(saved)
     assert twin.param_groups[0]["mechanic"]["lr_ref"] == 2e-3
     assert torch.equal(twin.mechanic_scale, opt.mechanic_scale)
+    # saved while a schedule had group 0's lr at 0 (a warmup): the tuner's own reference is what loads
+    at_zero = {**saved, "param_groups": [{**g, "lr": 0.0} for g in saved["param_groups"]]}
+    twin.load_state_dict(at_zero)
+    assert twin.param_groups[0]["mechanic"]["lr_ref"] == 2e-3 and twin.param_groups[0]["lr"] == 0.0
     with pytest.raises(ValueError, match="lr_invariant"):
         mechanize(torch.optim.AdamW)(
             [torch.nn.Parameter(p.detach().clone()) for p in params]
