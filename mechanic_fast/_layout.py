@@ -209,7 +209,7 @@ class StepLayout:
             return [grp._replace(grads=_as_1d([grads[i] for i in grp.index])) for grp in self.cached[1]]
         workspaces = {}
         if self.cached is not None:  # buffers outlive a re-made layout (e.g. a parameter added)
-            workspaces = {_workspace_key(g): g.workspace for g in self.cached[1]}
+            workspaces = {_bucket_key(g): g.workspace for g in self.cached[1]}
         # plain parameters skip the per-tensor shard lookups (Python work that compile traces per tensor)
         sharded = any(_distributed.is_dtensor(p) for p in params)
         to_1d = _local_1d if sharded else _as_1d
@@ -222,7 +222,8 @@ class StepLayout:
                 continue
             buckets.setdefault((domains[id(p)], local.device, local.dtype, maximize[i]), []).append(i)
         groups = []
-        for (reduce_over, _, _, maximizes), idx in buckets.items():
+        for key_of_bucket, idx in buckets.items():
+            reduce_over, _, _, maximizes = key_of_bucket
             entries = [refs[params[i]] for i in idx]
             refs_1d = tiled(to_1d([e[_state.X_REF] for e in entries]))
             deltas = tiled(to_1d([e[_state.DELTA] for e in entries])) if store_delta else None
@@ -235,11 +236,11 @@ class StepLayout:
                 deltas,
                 reduce_over,
                 maximizes,
-                _foreach.Workspace(),
+                workspaces.get(key_of_bucket) or _foreach.Workspace(),
                 idx,
                 numel or sum(t.numel() for t in local),
             )
-            groups.append(grp._replace(workspace=workspaces.get(_workspace_key(grp), grp.workspace)))
+            groups.append(grp)
         if not sharded and not compiling:
             self.cached = (key, groups)
         return groups
@@ -275,6 +276,7 @@ class StepLayout:
         return total if partition is None else _distributed.all_reduce(total, (partition.group,))
 
 
-def _workspace_key(grp: Group) -> Tuple[Any, ...]:
+def _bucket_key(grp: Group) -> Tuple[Any, ...]:
+    """The key `StepLayout.groups` buckets `grp`'s tensors by: its workspace outlives a re-made layout."""
     like = grp.params[0]
-    return (grp.reduce_over, grp.maximize, like.dtype, like.device)
+    return (grp.reduce_over, like.device, like.dtype, grp.maximize)

@@ -59,6 +59,7 @@ PER_TENSOR = Impl("per_tensor", _pertensor.inner_products, _pertensor.apply_upda
 PER_TENSOR_OPAQUE_SUMS = Impl("per_tensor_opaque_sums", _opaque.inner_products, _pertensor.apply_update)
 
 
+@functools.cache
 def _triton_impl() -> Impl:
     from . import _triton  # imports triton: only when asked for
 
@@ -80,10 +81,8 @@ def triton_runnable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_backend(backend: str, device: torch.device) -> None:
+def _check_triton(device: torch.device) -> None:
     """Refuse an explicit backend="triton" that cannot run on `device` (before anything changed)."""
-    if backend != "triton":
-        return
     if not triton_importable():
         raise RuntimeError(
             "backend='triton' was requested but triton cannot be imported (pip install triton)"
@@ -115,7 +114,7 @@ def select_impl(
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_importable() else "foreach"
     if backend == "triton":
-        check_backend(backend, device)
+        _check_triton(device)
         from . import _triton
 
         if _triton.contiguous(x, *aligned):  # its kernels read tensors as flat memory
