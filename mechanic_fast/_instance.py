@@ -12,7 +12,7 @@ import torch
 
 from . import _distributed
 from ._config import MechanicConfig
-from .optimizer import Mechanic, check_group
+from .optimizer import check_group
 
 
 def _flag_step_called(opt: torch.optim.Optimizer) -> None:
@@ -67,12 +67,10 @@ def mechanize_instance(
 ) -> torch.optim.Optimizer:
     """Mechanize an existing optimizer in place (through framework wrappers), keeping its state:
     Mechanic starts from the current parameters at the next step. Returns what it was given."""
-    opt = unwrap(wrapper)
-    if isinstance(opt, Mechanic):
-        raise TypeError(f"{type(opt).__name__} is already mechanized")
     from ._api import check_base, mechanized_class  # (which imports this module)
 
-    check_base(type(opt))
+    opt = unwrap(wrapper)
+    check_base(type(opt))  # an optimizer class Mechanic can wrap, not mechanized already
     zero = _zero_redundancy(wrapper)
     if zero is not None and partition_group is None:  # each rank's `.optim` holds its partition
         partition_group = zero.process_group

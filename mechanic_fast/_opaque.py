@@ -42,8 +42,8 @@ def _inner_products(
     return sums
 
 
-def _inner_products_fake(d: List[Tensor], *_: Any) -> Tensor:
-    return d[0].new_empty((4,), dtype=_[3])  # acc_dtype, the op's fifth argument
+def _inner_products_fake(d: List[Tensor], *rest: Any) -> Tensor:
+    return d[0].new_empty((4,), dtype=rest[3])  # acc_dtype, the op's fifth argument
 
 
 _LIB.impl("inner_products", _inner_products, "CompositeExplicitAutograd")
