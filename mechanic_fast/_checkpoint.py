@@ -122,14 +122,11 @@ def _mechanic_part(
         raise ValueError(
             "checkpoint has Mechanic's x_ref but no tuner (param_groups[0]['mechanic'] is missing)"
         )
-    fresh = {}
-    if tuner_entry is not None:
-        x_refs = _state.tiled({p: v[_state.X_REF] for p, v in per_param.items()}, dtype_of)
-        fresh = {p: {_state.X_REF: x} for p, x in x_refs.items()}
-        if cfg.store_delta:
-            for p, d in _state.tiled({p: v[_state.DELTA] for p, v in per_param.items()}, dtype_of).items():
-                fresh[p][_state.DELTA] = d
-    return tuner_entry, fresh
+    if tuner_entry is None:
+        return None, {}
+    x_refs = {p: v[_state.X_REF] for p, v in per_param.items()}
+    deltas = {p: v[_state.DELTA] for p, v in per_param.items()} if cfg.store_delta else None
+    return tuner_entry, _state.laid_out(x_refs, deltas, dtype_of)
 
 
 def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> Dict[Any, Tensor]:

@@ -178,15 +178,12 @@ class StepLayout:
         known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.X_REF in s}
         values = {p: s[_state.X_REF] for p, s in known.items()}
         values.update((p, p.detach()) for p in params if p not in known)
-        x_refs = _state.tiled(values, ref_dtype)
-        fresh = {p: {_state.X_REF: x} for p, x in x_refs.items()}
+        deltas = None
         if store_delta:
             deltas = {
-                p: known[p][_state.DELTA] if p in known else torch.zeros_like(x) for p, x in x_refs.items()
+                p: known[p][_state.DELTA] if p in known else torch.zeros_like(v) for p, v in values.items()
             }
-            for p, d in _state.tiled(deltas, ref_dtype).items():
-                fresh[p][_state.DELTA] = d
-        return fresh, True
+        return _state.laid_out(values, deltas, ref_dtype), True
 
     def groups(
         self,

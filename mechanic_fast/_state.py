@@ -24,7 +24,7 @@ Reading a checkpoint is `_checkpoint`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -113,6 +113,19 @@ def tiled(values: Dict[Tensor, Tensor], dtype_of: Callable[[Tensor], torch.dtype
         )
         out.update((p, _distributed.like(p, c)) for p, c in zip(params, copies))
     return out
+
+
+def laid_out(
+    x_refs: Dict[Tensor, Tensor],
+    deltas: Optional[Dict[Tensor, Tensor]],
+    dtype_of: Callable[[Tensor], torch.dtype],
+) -> Dict[Tensor, Dict[str, Tensor]]:
+    """Per-parameter Mechanic state made from x_ref (and Delta) values, each tiled as `tiled` lays it out."""
+    fresh = {p: {X_REF: x} for p, x in tiled(x_refs, dtype_of).items()}
+    if deltas is not None:
+        for p, d in tiled(deltas, dtype_of).items():
+            fresh[p][DELTA] = d
+    return fresh
 
 
 def tuner_entry(
