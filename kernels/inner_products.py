@@ -78,11 +78,17 @@ def apply_update_kernel(
     X_TY: tl.constexpr,
     REF_TY: tl.constexpr,
     ACC: tl.constexpr,
+    HAS_REF: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """x = x_ref + scale * (Delta + u), u = x - x_copy; Delta = (x_copy - x_ref) / denom, or stored
-    (then Delta += u in place). Same operation order as the foreach implementation."""
+    """The update, in the foreach implementation's operation order, u = x - x_copy:
+
+    - HAS_REF and HAS_DELTA: Delta += u in place, x = x_ref + scale * Delta;
+    - HAS_REF alone: Delta = (x_copy - x_ref) / denom + u, x = x_ref + scale * Delta;
+    - HAS_DELTA alone: scale_ptr holds S - S_old and denom_ptr 1 - S_old; with w = -u, Delta -= w and
+      x = x + ((1 - S_old) * w + (S - S_old) * Delta).
+    """
     pid = tl.program_id(0)
     row = table_ptr + tl.load(blocks_ptr + 2 * pid) * UP_COLS
     offs = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK)
@@ -91,13 +97,21 @@ def apply_update_kernel(
     x_ptr = tl.load(row + UP_X).to(tl.pointer_type(X_TY))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     x_t = tl.load(tl.load(row + UP_COPY).to(tl.pointer_type(X_TY)) + offs, mask=mask, other=0.0).to(ACC)
-    ref = tl.load(tl.load(row + UP_REF).to(tl.pointer_type(REF_TY)) + offs, mask=mask, other=0.0).to(ACC)
-    u = x - x_t
     if HAS_DELTA:
         delta_ptr = tl.load(row + UP_DELTA).to(tl.pointer_type(REF_TY))
-        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(ACC) + u
-        tl.store(delta_ptr + offs, delta.to(REF_TY, fp_downcast_rounding="rtne"), mask=mask)
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(ACC) - (x_t - x)
+        delta = delta.to(REF_TY, fp_downcast_rounding="rtne")
+        tl.store(delta_ptr + offs, delta, mask=mask)
+        delta = delta.to(ACC)  # the stored value goes on, as in the other implementations
+    if HAS_REF:
+        ref = tl.load(tl.load(row + UP_REF).to(tl.pointer_type(REF_TY)) + offs, mask=mask, other=0.0).to(ACC)
+        if not HAS_DELTA:
+            delta = (x_t - ref) / tl.load(denom_ptr).to(ACC) + (x - x_t)
+        # one rounding, as torch.addcmul in the other implementations
+        new_x = tl.fma(delta, scale, ref)
     else:
-        delta = (x_t - ref) / tl.load(denom_ptr).to(ACC) + u
-    # one rounding, as torch.addcmul in the other implementations
-    tl.store(x_ptr + offs, tl.fma(delta, scale, ref).to(X_TY, fp_downcast_rounding="rtne"), mask=mask)
+        # each intermediate rounded to x's dtype, where the other implementations keep it
+        w = (x_t - x).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+        kept = (w * tl.load(denom_ptr).to(ACC)).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+        new_x = x + tl.fma(delta, scale, kept).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+    tl.store(x_ptr + offs, new_x.to(X_TY, fp_downcast_rounding="rtne"), mask=mask)

@@ -72,6 +72,7 @@ def mechanize(
     ref_dtype: Optional[str] = None,
     skip_nonfinite: bool = False,
     lr_invariant: bool = False,
+    keep_workspace: Optional[bool] = None,
     partition_group: Any = None,
 ) -> Any:
     """Wrap a torch optimizer in the Mechanic learning-rate tuner.
@@ -96,9 +97,11 @@ def mechanize(
         s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch;
             with ``lr_invariant``, the first effective lr relative to the reference lr: 1e-9).
         eps: floor of the tuner's divisions.
-        store_delta: keep Delta as state (True) or recompute it as (x - x_ref) / S (False). None decides
-            from the parameters: kept unless every x_ref is float64 (recomputed in float32 it can be lost
-            to rounding while S is small, and then S never grows).
+        store_delta: keep Delta as state (True, the default; float32/float64 parameters then keep no
+            x_ref: one copy of the weights in all) or keep x_ref and recompute Delta as (x - x_ref) / S
+            (False: also one copy, but in float32 Delta can be lost to rounding while S is small, and
+            then S never grows; bfloat16/float16 parameters are refused). bfloat16/float16 parameters
+            keep x_ref and Delta.
         log_func, log_every: call ``log_func({"iter_count": int, "s": float})`` every ``log_every``
             steps (default: the ``mechanic_fast`` logger); only logging steps sync with the host.
         variant: ``"paper"`` (the math of optax.contrib.mechanize) or ``"mechanic_pytorch"`` (that of
@@ -115,6 +118,9 @@ def mechanize(
             proportional to lr: the same effective lr and parameters at every step. ``s_init`` and
             ``s_decay`` are then in those units (None: 1e-9 and 10, the paper's defaults at lr 1e-3).
             Off by default: the paper variant is the default.
+        keep_workspace: keep the step's weight-sized flat buffer (the x_t copy) from step to step
+            (None: on CPU, where a fresh one is page-faulted in at every step; not on accelerators,
+            whose caching allocator lends the freed buffer to activations between steps).
         partition_group: a process group over which this optimizer's parameters are disjoint parts of one
             model (pipeline stages, a hand-made partition): the sums are added over it. DDP, FSDP1/2,
             tensor/sequence parallel and ZeroRedundancyOptimizer are recognised without it.
@@ -128,6 +134,8 @@ def mechanize(
     """
     options = {k: v for k, v in locals().items() if k not in ("Base", "log_func", "partition_group")}
     cfg = _checked_options(options, log_func)
+    if partition_group is not None:
+        _distributed.check_process_group(partition_group)
     if isinstance(Base, torch.optim.Optimizer) or isinstance(unwrap(Base), torch.optim.Optimizer):
         return mechanize_instance(Base, cfg, log_func, partition_group)
     check_base(Base)

@@ -28,6 +28,9 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
     cfg = opt._mechanic_config
     torch_base = opt._mechanic_base_class.__module__.startswith("torch.optim")
     base_sd, per_param, entry = parse(opt, cfg, state_dict, opt._mechanic_ref_dtype, torch_base)
+    if entry is None:  # a plain base checkpoint: the tuner starts afresh, at the checkpoint's lr
+        saved_lr = base_sd["param_groups"][0].get("lr") if base_sd["param_groups"] else None
+        entry = _state.fresh_tuner(opt.param_groups, cfg, opt._mechanic_ref_dtype, saved_lr)
     pre_hooks, post_hooks = (
         opt._optimizer_load_state_dict_pre_hooks,
         opt._optimizer_load_state_dict_post_hooks,
@@ -41,12 +44,29 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
         opt._optimizer_load_state_dict_post_hooks = post_hooks
     for p, tensors in per_param.items():
         opt.state[p].update(tensors)
-    if entry is not None:
-        opt.param_groups[0][_state.TUNER_KEY] = entry
-    opt._mechanic_tuner()  # a plain base checkpoint: the tuner starts afresh
+    opt.param_groups[0][_state.TUNER_KEY] = entry
     opt._mechanic_attach()  # host caches anew
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def adopt(
+    opt: torch.optim.Optimizer, cfg: MechanicConfig, dtype_of: Callable[[Tensor], torch.dtype]
+) -> Tuple[Dict[str, Any], Dict[Tensor, Dict[str, Tensor]]]:
+    """Mechanic's state for an optimizer mechanized in place (`mechanize(opt)`): the tuner entry and
+    per-parameter state it holds already (a mechanized checkpoint loaded into the plain optimizer),
+    checked against `cfg` as a load checks a checkpoint, or a fresh tuner. Changes nothing of `opt`."""
+    holds = _state.TUNER_KEY in opt.param_groups[0] or any(
+        isinstance(s, dict) and (_state.X_REF in s or _state.DELTA in s) for s in opt.state.values()
+    )
+    per_param: Dict[Tensor, Dict[str, Tensor]] = {}
+    entry = None
+    if holds:
+        torch_base = type(opt).__module__.startswith("torch.optim")
+        _, per_param, entry = parse(opt, cfg, opt.state_dict(), dtype_of, torch_base)
+    if entry is None:
+        entry = _state.fresh_tuner(opt.param_groups, cfg, dtype_of, opt.param_groups[0].get("lr"))
+    return entry, per_param
 
 
 def parse(
@@ -101,30 +121,27 @@ def _mechanic_part(
     id_map: Dict[Any, Tensor],
     dtype_of: Callable[[Tensor], torch.dtype],
 ) -> Tuple[Optional[Dict[str, Any]], Dict[Tensor, Dict[str, Tensor]]]:
-    """The checkpoint's tuner entry (or None) and per-parameter state, checked and laid out as kept."""
-    tuner_entry = None
-    if entry is not None:
-        tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
-        auto = cfg.store_delta is None
-        cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
-        _check_per_param(cfg, per_param, state, id_map, int(tuner_entry["step"]))
-        narrowed = any(
-            v[_state.X_REF].dtype == torch.float64 and dtype_of(p) != torch.float64
-            for p, v in per_param.items()
-        )
-        if auto and not cfg.store_delta and narrowed:
-            # A float64 run (the default recomputes Delta there) resumed in lower precision: keep Delta
-            # from now on, or the rounding stall that the default exists to prevent comes back. (A
-            # layout chosen explicitly in the same precision is kept as it is.)
-            _recompute_delta(per_param, tuner_entry, cfg, dtype_of)
-            cfg = dataclasses.replace(cfg, store_delta=True)
-    elif per_param:
-        raise ValueError(
-            "checkpoint has Mechanic's x_ref but no tuner (param_groups[0]['mechanic'] is missing)"
-        )
-    if tuner_entry is None:
+    """The checkpoint's tuner entry (or None) and per-parameter state, checked and laid out as kept:
+    x_ref only where `_state.keeps_x_ref` (older checkpoints kept it for every parameter)."""
+    if entry is None:
+        if per_param:
+            raise ValueError(
+                "checkpoint has Mechanic's x_ref or Delta but no tuner (param_groups[0]['mechanic'] is "
+                "missing)"
+            )
         return None, {}
-    x_refs = {p: v[_state.X_REF] for p, v in per_param.items()}
+    tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
+    auto = cfg.store_delta is None
+    cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
+    _check_per_param(cfg, per_param, id_map)
+    if auto and not cfg.store_delta:
+        # An x_ref-only checkpoint (store_delta=False, the float64 default of earlier versions) with the
+        # layout left to us: Delta from now on, which costs no more and cannot stall in lower precision.
+        _recompute_delta(per_param, tuner_entry, cfg, dtype_of)
+        cfg = dataclasses.replace(cfg, store_delta=True)
+    if cfg.store_delta:
+        _complete_x_ref(per_param, tuner_entry, cfg, dtype_of)
+    x_refs = {p: v[_state.X_REF] for p, v in per_param.items() if _state.keeps_x_ref(cfg.store_delta, p)}
     deltas = {p: v[_state.DELTA] for p, v in per_param.items()} if cfg.store_delta else None
     return tuner_entry, _state.laid_out(x_refs, deltas, dtype_of)
 
@@ -189,6 +206,8 @@ def _parse_tuner(
             raise ValueError(f"checkpoint's Mechanic {name} has shape {tuple(value.shape)}, expected ({n},)")
         if not bool(torch.isfinite(value).all()):  # a sync, fine at load time
             raise ValueError(f"checkpoint's Mechanic {name} holds NaN or Inf")
+        if name != "r" and bool((value < 0).any()):  # s, m, v are >= 0 in both variants
+            raise ValueError(f"checkpoint's Mechanic {name} holds negative values: {value.tolist()}")
         out[name] = _distributed.local(value).detach().to(device=device, dtype=dtype, copy=True)
     step = entry.get("step")
     if not torch.is_tensor(step) or step.dtype.is_floating_point or step.dim() != 0 or int(step) < 0:
@@ -196,6 +215,12 @@ def _parse_tuner(
     out["step"] = step.detach().to(device=device, dtype=torch.int64, copy=True)
     out.update(options)
     return out
+
+
+def _applied_scale(entry: Dict[str, Any], cfg: MechanicConfig) -> float:
+    """The S that the saved parameters were made with, in the parameters' units (a host read, once, while
+    loading)."""
+    return float(tuner.effective_scale(_state.tuner_state(entry), cfg)) / _state.lr_ref(entry)
 
 
 def _recompute_delta(
@@ -207,34 +232,44 @@ def _recompute_delta(
     """Delta = (x - x_ref) / (S + eps), as the step recomputes it, from the parameters as they are now
     (load the model's weights before the optimizer's state, as usual) and x_ref in the dtype it will
     be kept in, so that x = x_ref + S * Delta holds as loaded. Taken in float64."""
-    scale = float(entry["s"].sum()) + cfg.eps  # a host read, once, while loading
+    denom = (float(entry["s"].sum()) + cfg.eps) / _state.lr_ref(entry)
     for param, ours in per_param.items():
         x_ref = _distributed.shard_like(param, ours[_state.X_REF]).to(param.device).to(dtype_of(param))
-        ours[_state.DELTA] = (param.detach().double() - x_ref.double()) / scale
+        ours[_state.DELTA] = (param.detach().double() - x_ref.double()) / denom
     entry["store_delta"] = True
 
 
-def _check_per_param(
-    cfg: MechanicConfig,
+def _complete_x_ref(
     per_param: Dict[Tensor, Dict[str, Tensor]],
-    state: Dict[Any, Any],
-    id_map: Dict[Any, Tensor],
-    tuner_steps: int,
+    entry: Dict[str, Any],
+    cfg: MechanicConfig,
+    dtype_of: Callable[[Tensor], torch.dtype],
+) -> None:
+    """x_ref = x - S * Delta (taken in float64) for bfloat16/float16 parameters whose checkpoint holds
+    Delta alone (saved from float32 parameters of the same model)."""
+    scale = None
+    for param, ours in per_param.items():
+        if _state.X_REF in ours or not _state.keeps_x_ref(True, param):
+            continue
+        scale = _applied_scale(entry, cfg) if scale is None else scale
+        delta = _distributed.shard_like(param, ours[_state.DELTA]).to(param.device).to(dtype_of(param))
+        ours[_state.X_REF] = param.detach().double() - scale * delta.double()
+
+
+def _check_per_param(
+    cfg: MechanicConfig, per_param: Dict[Tensor, Dict[str, Tensor]], id_map: Dict[Any, Tensor]
 ) -> None:
     for key, param in id_map.items():
+        # A parameter with base state but no Mechanic state is valid: one that never had a gradient
+        # while mechanized (Adagrad makes state when it is made; a layer frozen since `mechanize(opt)`
+        # or since a plain checkpoint was loaded). It starts afresh at its first tuned step.
         ours = per_param.get(param, {})
-        # A parameter the base holds state for has taken a step, so Mechanic has x_ref for it too (one
-        # that never had a gradient has neither, and starts afresh at its first step). Not so before
-        # Mechanic's first step: some bases (Adagrad) make their state when they are made.
-        missing = tuner_steps > 0 and state.get(key) and _state.X_REF not in ours
-        if missing and param.numel() > 0:  # empty ones are not tuned
-            raise ValueError(f"checkpoint has no Mechanic x_ref for parameter {key!r}, which has base state")
         if not ours:
             continue
-        if _state.X_REF not in ours:
-            raise ValueError(f"checkpoint has Mechanic Delta but no x_ref for parameter {key!r}")
         if cfg.store_delta and _state.DELTA not in ours:
             raise ValueError(f"checkpoint has no Mechanic Delta for parameter {key!r} (store_delta=True)")
+        if not cfg.store_delta and _state.X_REF not in ours:
+            raise ValueError(f"checkpoint has no Mechanic x_ref for parameter {key!r} (store_delta=False)")
         if not cfg.store_delta and _state.DELTA in ours:
             raise ValueError(f"checkpoint has Mechanic Delta for parameter {key!r}, but store_delta=False")
         for name, t in ours.items():

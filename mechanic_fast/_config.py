@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -26,7 +27,7 @@ class MechanicConfig:
     betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
     s_init: Optional[float] = None
     eps: float = 1e-8
-    store_delta: Optional[bool] = None  # None: decided per optimizer from its parameters' dtypes
+    store_delta: Optional[bool] = None  # None: True (Delta kept; a checkpoint's x_ref-only layout converted)
     log_every: int = 0
     variant: str = "paper"
     backend: str = "auto"
@@ -34,16 +35,16 @@ class MechanicConfig:
     ref_dtype: Optional[str] = None  # None: x_ref in the parameter's dtype; "float32": fp32 for low precision
     skip_nonfinite: bool = False
     lr_invariant: bool = False  # S and lambda in units of the reference lr (group 0's when made)
+    keep_workspace: Optional[bool] = None  # None: keep the step's flat buffer between steps on CPU only
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
-        try:
-            betas = tuple(float(b) for b in self.betas)
-        except TypeError:
-            raise ValueError(f"betas must be a sequence of floats, got {self.betas!r}") from None
+        if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, Iterable):
+            raise ValueError(f"betas must be a sequence of real numbers, got {self.betas!r}")
+        betas = tuple(_real("every beta", b) for b in self.betas)
         if not betas:
             raise ValueError("betas must not be empty")
         if not all(0.0 < b < 1.0 for b in betas):
@@ -61,45 +62,57 @@ class MechanicConfig:
         if self.s_decay is None:
             s_decay = DEFAULT_S_DECAY / INVARIANT_REFERENCE_LR if self.lr_invariant else DEFAULT_S_DECAY
             object.__setattr__(self, "s_decay", s_decay)
-        _check_float("s_init", self.s_init, positive=True)
-        _check_float("eps", self.eps, positive=True)  # 0 divides 0 by 0 at a zero gradient
-        _check_float("s_decay", self.s_decay)
-        if not isinstance(self.log_every, int) or isinstance(self.log_every, bool) or self.log_every < 0:
-            raise ValueError(f"log_every must be an integer >= 0, got {self.log_every!r}")
+        object.__setattr__(self, "s_init", _real("s_init", self.s_init, positive=True))
+        # eps > 0: 0 divides 0 by 0 at a zero gradient
+        object.__setattr__(self, "eps", _real("eps", self.eps, positive=True))
+        object.__setattr__(self, "s_decay", _real("s_decay", self.s_decay))
+        log_every = self.log_every
+        if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 0:
+            raise ValueError(
+                f"log_every must be an integer >= 0, got {type(log_every).__name__} {log_every!r}"
+            )
+        object.__setattr__(self, "log_every", int(log_every))
         if self.ref_dtype not in (None, "float32"):
             raise ValueError(f"ref_dtype must be None or 'float32', got {self.ref_dtype!r}")
         if self.store_delta is not None and not isinstance(self.store_delta, bool):
             raise ValueError(f"store_delta must be None or a bool, got {self.store_delta!r}")
+        if self.keep_workspace is not None and not isinstance(self.keep_workspace, bool):
+            raise ValueError(f"keep_workspace must be None or a bool, got {self.keep_workspace!r}")
         for name in ("compile", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def with_store_delta(self, dtypes: Iterable[torch.dtype]) -> MechanicConfig:
-        """This config with `store_delta` decided for parameters whose x_ref has these dtypes.
+        """This config with `store_delta` decided (None: True, for parameters of every dtype).
 
         Recomputing Delta as (x - x_ref) / S loses it while S * Delta is below half an ulp of x: x then
         rounds back to x_ref, the inner product h is 0, and the scale never grows (float32 weights of
         order 1 with Adam at lr 1e-3 stall this way from the first step, since S starts at 1e-6). Kept
-        as state, Delta accumulates every base update whatever x can resolve. That costs one copy of
-        the weights (in x_ref's dtype), paid by default unless every x_ref is float64, where S * Delta
-        would have to fall below 1e-16 of the weights to be lost.
+        as state, Delta accumulates every base update whatever x can resolve, and costs no more memory
+        than x_ref, which float32/float64 parameters then do not keep (`_state.keeps_x_ref`).
         """
-        if self.store_delta is not None:
-            return self
-        return replace(self, store_delta=any(d != torch.float64 for d in dtypes))
+        return self if self.store_delta is not None else replace(self, store_delta=True)
 
     def options(self) -> Dict[str, Any]:
         """The options as `mechanize` keywords (to rebuild the same class)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _check_float(name: str, value: object, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
+def _real(name: str, value: object, positive: bool = False) -> float:
+    """`value` as a float: any real number (int, float, a numpy scalar), finite, > 0 or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a real number (int, float or a numpy scalar), got {type(value).__name__} "
+            f"{value!r}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and number <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    if not positive and value < 0:
+    if not positive and number < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return number
 
 
 # Inductor options for a user's `torch.compile(opt.step, options=INDUCTOR_OPTIONS)` over many tensors.

@@ -100,6 +100,17 @@ def all_reduce(sums: Tensor, groups: Domain) -> Tensor:
     return wide.to(sums.dtype)
 
 
+def check_process_group(group: Any) -> None:
+    """Refuse a `partition_group` that is not a torch.distributed process group (at `mechanize`, not at
+    the first step)."""
+    process_group = getattr(dist, "ProcessGroup", None) if dist is not None else None
+    if process_group is None or not isinstance(group, process_group):
+        raise TypeError(
+            f"partition_group must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)), "
+            f"got {group!r}"
+        )
+
+
 def zero_redundancy_caller() -> Optional[Any]:
     """The ZeroRedundancyOptimizer whose constructor is making the optimizer now, if any: it hands each
     rank's optimizer a partition of the parameters (`optimizer_class=mechanize(...)`)."""

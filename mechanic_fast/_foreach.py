@@ -171,67 +171,79 @@ def inner_products(
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
     ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call. With
     ``per_tensor``, gradients already in ``acc_dtype`` are reduced tensor by tensor where they are.
+
+    With Delta stored (``d_ref`` None) one weight-sized buffer serves both gathers: the gradients for
+    their sums, then the x_t copy, so the step's peak is Delta and that buffer. With ``d`` = x and
+    ``d_ref`` = x_ref the direction needs x first: g and x are gathered side by side (one pass, BLAS
+    reads them as a matrix) and the direction is a third buffer.
     """
     need_x = x is not None and (copy_x or x_sums)
-    # few large gradients: a gather would write them once more only for BLAS to read them with x
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     d_first = d.flat if isinstance(d, FlatCopy) else d[0]
     g_scattered = g is not None and flat_view(g) is None  # else flat(g) is a view, not a gather
-    g_in_place = (
-        g_scattered
-        and g[0].dtype == acc_dtype == d_first.dtype  # no conversion needed: BLAS dots where they are
-        and per_tensor
-    )
-    both = None  # g and x gathered together, one row each: one gather, and BLAS reads them as a matrix
+    # few large gradients already in acc_dtype: BLAS dots where they are (a gather would write them once
+    # more only for BLAS to read them)
+    g_in_place = g_scattered and g[0].dtype == acc_dtype == d_first.dtype and per_tensor
+    gather_g = g_scattered and not g_in_place
+    shares = gather_g and need_x and g[0].dtype == x[0].dtype  # one buffer (or matrix) for g and x
+    sums: List[Optional[Tensor]] = [None] * 4
     x_flat = None
-    if need_x:
-        if g_scattered and not g_in_place and g[0].dtype == x[0].dtype:
-            buffer = workspace_buffer(workspace, "g_x", (2, numel), x[0])  # its g row: the update's scratch
-            both = gather(list(g) + list(x), buffer).view(2, -1)
-            x_flat = both[1]
-        else:  # a real copy: it is x_t (kept in the workspace only if it is the step's x_t copy)
-            x_flat = gather(x, workspace_buffer(workspace, "x_t", (numel,), x[0]) if copy_x else None)
-    d_flat = x_flat if d is x and x_flat is not None else flat(d)
-    if d_ref is not None:
-        d_flat = d_flat - flat(d_ref)
-    sums = _sums(both, g if both is None else None, x_flat, d_flat, acc_dtype, x_sums, g_in_place, workspace)
+    if d_ref is None:
+        d_flat = flat(d)
+        buffer = None
+        if shares or (need_x and copy_x):
+            buffer = workspace_buffer(workspace, "flat", (numel,), x[0])
+            buffer = x[0].new_empty(numel) if buffer is None else buffer
+        if g is not None:
+            g_flat = gather(g, buffer if shares else None) if gather_g else None
+            sums[0], sums[2] = _g_sums(g, g_flat, d_flat, acc_dtype, workspace)
+            del g_flat  # freed before x is gathered
+        if need_x:  # the x_t copy overwrites the gathered gradients (their sums are taken)
+            x_flat = gather(x, buffer)
+    else:
+        both = None
+        if need_x:
+            if shares:
+                both = gather(list(g) + list(x), workspace_buffer(workspace, "g_x", (2, numel), x[0])).view(
+                    2, -1
+                )
+                x_flat = both[1]
+            else:
+                x_flat = gather(x, workspace_buffer(workspace, "flat", (numel,), x[0]) if copy_x else None)
+        d_flat = (x_flat if d is x and x_flat is not None else flat(d)) - flat(d_ref)
+        if both is not None:
+            dots, norms = _row_sums(both if x_sums else both[:1], d_flat, acc_dtype, workspace)
+            sums[0], sums[2] = dots[0], norms[0]
+            if x_sums:
+                sums[1], sums[3] = dots[1], norms[1]
+        elif g is not None:
+            sums[0], sums[2] = _g_sums(g, gather(g) if gather_g else None, d_flat, acc_dtype, workspace)
+    if x_flat is not None and x_sums and sums[1] is None:
+        dots, norms = _row_sums(x_flat, d_flat, acc_dtype, workspace)
+        sums[1], sums[3] = dots[0], norms[0]
+    zero = d_flat.new_zeros((), dtype=acc_dtype) if None in sums else None
     copy = FlatCopy(x, x_flat) if copy_x and x_flat is not None else None
-    return torch.stack(sums), copy
+    return torch.stack([zero if v is None else v for v in sums]), copy
 
 
-def _sums(
-    both: Optional[Tensor],
-    g: Optional[Sequence[Tensor]],
-    x_flat: Optional[Tensor],
+def _g_sums(
+    g: Sequence[Tensor],
+    g_flat: Optional[Tensor],
     d_flat: Tensor,
     acc_dtype: torch.dtype,
-    x_sums: bool,
-    g_in_place: bool,
     workspace: Optional[Workspace],
-) -> List[Tensor]:
-    """The four sums from g and x as `inner_products` laid them out: one (2, n) matrix `both`, or `g`
-    (reduced where it is with `g_in_place`, else flat) and `x_flat`; those of an absent one are zero."""
-    sums: List[Optional[Tensor]] = [None] * 4
-    if both is not None:  # both rows in one pass where x_sums
-        dots, norms = _row_sums(both if x_sums else both[:1], d_flat, acc_dtype, workspace)
-        sums[0], sums[2] = dots[0], norms[0]
-        if x_sums:
-            sums[1], sums[3] = dots[1], norms[1]
-    else:
-        if g is not None and g_in_place:
-            parts = [t.reshape(-1) for t in g]
-            d_parts = torch.split(d_flat, [t.numel() for t in parts])
-            sums[0] = torch.stack([torch.dot(a, b) for a, b in zip(parts, d_parts)]).sum()
-            sums[2] = torch.stack([torch.dot(a, a) for a in parts]).sum()
-        elif g is not None:
-            dots, norms = _row_sums(flat(g), d_flat, acc_dtype, workspace)
-            sums[0], sums[2] = dots[0], norms[0]
-        if x_flat is not None and x_sums:
-            dots, norms = _row_sums(x_flat, d_flat, acc_dtype, workspace)
-            sums[1], sums[3] = dots[0], norms[0]
-    zero = d_flat.new_zeros((), dtype=acc_dtype) if None in sums else None
-    return [zero if v is None else v for v in sums]
+) -> Tuple[Tensor, Tensor]:
+    """<d, g> and ||g||^2: from the gathered `g_flat`, from g's own buffer where g tiles one, or, without
+    either, tensor by tensor where the gradients are."""
+    rows = g_flat if g_flat is not None else flat_view(g)
+    if rows is not None:
+        dots, norms = _row_sums(rows, d_flat, acc_dtype, workspace)
+        return dots[0], norms[0]
+    parts = [t.reshape(-1) for t in g]
+    d_parts = torch.split(d_flat, [t.numel() for t in parts])
+    dot = torch.stack([torch.dot(a, b) for a, b in zip(parts, d_parts)]).sum()
+    return dot, torch.stack([torch.dot(a, a) for a in parts]).sum()
 
 
 # Elements per chunk where the sums convert to the accumulation dtype on CPU: a scratch that stays in
@@ -276,23 +288,27 @@ def _row_sums(
 def apply_update(
     x: Sequence[Tensor],
     x_copy: TensorsOrCopy,
-    x_ref: Sequence[Tensor],
+    x_ref: Optional[Sequence[Tensor]],
     delta: Optional[Sequence[Tensor]],
     scale: Tensor,
+    scale_old: Tensor,
     denom: Tensor,
     workspace: Optional[Workspace] = None,
     per_tensor: bool = False,
 ) -> None:
-    """Write x = x_ref + scale * (Delta + u) into ``x``, which holds the base optimizer's result x_base.
+    """Write the update into ``x``, which holds the base optimizer's result x_base; u = x_base - x_t
+    (``x_copy`` holds x_t and is consumed as scratch).
 
-    u = x_base - x_t (``x_copy`` holds x_t). Delta is recomputed as (x_t - x_ref) / denom with
-    denom = S_old + eps, or, when stored (``delta`` given), is advanced in place: delta += u.
-    Each value is rounded as in both reference implementations (x_t - x_ref is a small difference of
-    large numbers, so any other rounding order changes later inner products), but computed as
-    w = x_t - x_base = -u in place of x_t (one multi-tensor op, no gather of x_base; negation is exact,
-    so Delta - w rounds as Delta + u), and the new x is formed in x_t's buffer and copied out, or, with
-    ``per_tensor``, written into each parameter by one addcmul.
-    ``x_copy`` is consumed (overwritten).
+    - Delta stored, no x_ref (``x_ref`` None): Delta += u and x = x_t + S * Delta_new - S_old * Delta,
+      formed as x_base + ((1 - S_old) * w + (S - S_old) * Delta_new) with w = x_t - x_base = -u: the
+      correction to the base's step is small where S has settled, and x stays at x_t while S is tiny;
+    - x_ref and stored Delta: Delta += u, x = x_ref + S * Delta (one addcmul);
+    - x_ref alone: Delta = (x_t - x_ref) / denom (denom = S_old + eps) + u, x = x_ref + S * Delta.
+
+    Each value is rounded in the same order in every implementation. w = x_t - x_base is formed in
+    x_t's buffer (one multi-tensor op, no gather of x_base; negation is exact, so Delta - w rounds as
+    Delta + u); with x_ref the new x is formed in that buffer and copied out, or, with ``per_tensor``,
+    written into each parameter by one addcmul.
     """
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
     x_t_parts = workspace.shaped(x_t, x) if workspace is not None else _split(x_t, x)
@@ -301,20 +317,22 @@ def apply_update(
         ref = flat(x_ref)
         # d = x_t - x_ref into the spare gradient row; then w - d / denom = -(Delta + u), negated back exactly
         spare = workspace.spare_row(x_t) if workspace is not None else None
-        if spare is None:
-            spare = workspace_buffer(workspace, "update", tuple(x_t.shape), x_t)
         d = torch.sub(x_t, ref) if spare is None else torch.sub(x_t, ref, out=spare)
         torch._foreach_sub_(x_t_parts, x)
         new_neg = x_t.addcdiv_(d, denom, value=-1)  # -(Delta + u)
         _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
+        return
+    torch._foreach_sub_(x_t_parts, x)  # w = -u
+    stored = flat_view(delta)
+    if stored is None:  # Delta not in one buffer: advance it tensor by tensor
+        torch._foreach_sub_(list(delta), _split(x_t, delta))
     else:
-        torch._foreach_sub_(x_t_parts, x)  # w = -u
-        stored = flat_view(delta)
-        if stored is None:  # Delta not in one buffer: advance it tensor by tensor
-            torch._foreach_sub_(list(delta), _split(x_t, delta))
-        else:
-            stored.sub_(x_t)  # Delta + u
+        stored.sub_(x_t)  # Delta + u
+    if x_ref is not None:
         _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1, per_tensor)
+        return
+    x_t.mul_(1 - scale_old).addcmul_(gather(delta) if stored is None else stored, scale - scale_old)
+    torch._foreach_add_(x, x_t_parts)
 
 
 def _write_x(

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
-from . import _distributed
+from . import _checkpoint, _distributed, _state
 from ._config import MechanicConfig
 from .optimizer import check_group
 
@@ -96,13 +96,17 @@ def mechanize_instance(
                 "keep running the plain optimizer. Mechanize the optimizer before wrapping its step "
                 "(e.g. before a framework's prepare/setup)"
             )
+    # Mechanic's state, checked and made before anything changes: a refusal leaves `opt` as it was
+    entry, per_param = _checkpoint.adopt(opt, cfg, functools.partial(_state.ref_dtype, cfg))
     opt.__class__ = mechanized_class(type(opt), cfg, log_func)
+    for p, tensors in per_param.items():
+        opt.state[p].update(tensors)
+    opt.param_groups[0][_state.TUNER_KEY] = entry
     if instance_step is not None:
         del opt.step  # the class's (mechanized) step shows through again
     if partition_group is not None:
         opt._mechanic_partition_group = _distributed.GroupRef(partition_group)  # type: ignore[attr-defined]
     opt._mechanic_attach()  # type: ignore[attr-defined]
-    opt._mechanic_tuner()  # type: ignore[attr-defined]
     opt._patch_step_function()  # so step hooks wrap the mechanized step
     if lr_sched_wrapper:  # torch's LR schedulers only record that the step ran: keep doing that
         _flag_step_called(opt)

@@ -25,13 +25,15 @@ class Group(NamedTuple):
 
     params: List[Tensor]
     grads: List[Tensor]
-    refs: List[Tensor]
+    refs: Optional[List[Tensor]]  # x_ref, where kept (`_state.keeps_x_ref`)
     deltas: Optional[List[Tensor]]
     reduce_over: Tuple[Any, ...]
     maximize: bool  # the base moves along +g: Mechanic's inner product must see -g
-    workspace: _foreach.Workspace  # flat buffers kept from step to step
+    # flat buffers kept from step to step (`keep_workspace`; by default on CPU only), or None
+    workspace: Optional[_foreach.Workspace]
     index: List[int]  # positions of the group's tensors in the step's parameter list
     numel: int
+    views: List[Tuple[Tensor, Tensor]]  # (0-d parameter, the 1-element view of it in `params`)
 
 
 Refs = Dict[Tensor, Dict[str, Tensor]]
@@ -156,7 +158,7 @@ class StepLayout:
         refs = {}
         for p in params:  # one lookup each (tensors hash in Python)
             entry = state.get(p)
-            if entry is not None and _state.X_REF in entry:
+            if entry is not None and (_state.DELTA in entry or _state.X_REF in entry):
                 refs[p] = entry
         return refs
 
@@ -175,15 +177,15 @@ class StepLayout:
         later steps read the buffer without a gather)."""
         if len(known_refs) == len(params):
             return known_refs, False
-        known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.X_REF in s}
-        values = {p: s[_state.X_REF] for p, s in known.items()}
-        values.update((p, p.detach()) for p in params if p not in known)
+        known = {p: s for p, s in state.items() if isinstance(s, dict) and _state.has_state(s)}
+        new = [p for p in params if p not in known]
+        x_refs = {p: s[_state.X_REF] for p, s in known.items() if _state.X_REF in s}
+        x_refs.update((p, p.detach()) for p in new if _state.keeps_x_ref(store_delta, p))
         deltas = None
         if store_delta:
-            deltas = {
-                p: known[p][_state.DELTA] if p in known else torch.zeros_like(v) for p, v in values.items()
-            }
-        return _state.laid_out(values, deltas, ref_dtype), True
+            deltas = {p: s[_state.DELTA] for p, s in known.items()}
+            deltas.update((p, torch.zeros_like(p.detach())) for p in new)
+        return _state.laid_out(x_refs, deltas, ref_dtype), True
 
     def groups(
         self,
@@ -194,6 +196,7 @@ class StepLayout:
         new_refs: bool,
         store_delta: bool,
         all_params: List[Tensor],
+        keep_workspace: Optional[bool] = None,
     ) -> List[Group]:
         """Aligned lists of local tensors per reduction domain, device, dtype and maximize flag.
 
@@ -202,11 +205,16 @@ class StepLayout:
         parameters, whose local tensors FSDP may swap."""
         compiling = torch.compiler.is_compiling()
         key = None if compiling else (tuple(map(id, params)), tuple(maximize))
-        if self.cached is not None and self.cached[0] == key and not new_refs:
+        if (
+            self.cached is not None
+            and self.cached[0] == key
+            and not new_refs
+            and _views_current(self.cached[1])
+        ):
             return [grp._replace(grads=_as_1d([grads[i] for i in grp.index])) for grp in self.cached[1]]
         workspaces = {}
         if self.cached is not None:  # buffers outlive a re-made layout (e.g. a parameter added)
-            workspaces = {_bucket_key(g): g.workspace for g in self.cached[1]}
+            workspaces = {_bucket_key(g): g.workspace for g in self.cached[1] if g.workspace is not None}
         # plain parameters skip the per-tensor shard lookups (Python work that compile traces per tensor)
         sharded = any(_distributed.is_dtensor(p) for p in params)
         to_1d = _local_1d if sharded else _as_1d
@@ -222,10 +230,14 @@ class StepLayout:
         for key_of_bucket, idx in buckets.items():
             reduce_over, _, _, maximizes = key_of_bucket
             entries = [refs[params[i]] for i in idx]
-            refs_1d = tiled(to_1d([e[_state.X_REF] for e in entries]))
+            refs_1d = tiled(to_1d([e[_state.X_REF] for e in entries])) if _state.X_REF in entries[0] else None
             deltas = tiled(to_1d([e[_state.DELTA] for e in entries])) if store_delta else None
             local = to_1d([params[i] for i in idx])
-            numel = refs_1d.flat.numel() if getattr(refs_1d, "flat", None) is not None else None
+            views = [(params[i], t) for i, t in zip(idx, local) if params[i].dim() == 0]
+            tiling = refs_1d if refs_1d is not None else deltas
+            numel = tiling.flat.numel() if getattr(tiling, "flat", None) is not None else None
+            device = local[0].device
+            keep = keep_workspace if keep_workspace is not None else device.type == "cpu"
             grp = Group(
                 local,
                 to_1d([grads[i] for i in idx]),
@@ -233,13 +245,14 @@ class StepLayout:
                 deltas,
                 reduce_over,
                 maximizes,
-                workspaces.get(key_of_bucket) or _foreach.Workspace(),
+                (workspaces.get(key_of_bucket) or _foreach.Workspace()) if keep else None,
                 idx,
                 numel or sum(t.numel() for t in local),
+                views,
             )
             groups.append(grp)
-        if not sharded and not compiling:
-            self.cached = (key, groups)
+        if not sharded and not compiling:  # without this step's gradients, which it would keep alive
+            self.cached = (key, [grp._replace(grads=[]) for grp in groups])
         return groups
 
     def joins_others(self, all_params: List[Tensor], partition: Any) -> bool:
@@ -271,6 +284,14 @@ class StepLayout:
             totals.append(_distributed.all_reduce(total, reduce_over))
         total = torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
         return total if partition is None else _distributed.all_reduce(total, (partition.group,))
+
+
+def _views_current(groups: List[Group]) -> bool:
+    """Whether the 1-element views a cached layout made of 0-d parameters still view their storage: a
+    parameter whose `.data` is replaced between steps (a clamped CLIP logit scale) keeps its id, but
+    the old view would keep reading and writing the storage it had. Other tensors are held as they are,
+    so they follow a replaced `.data` by themselves."""
+    return all(view.data_ptr() == p.data_ptr() for grp in groups for p, view in grp.views)
 
 
 def _bucket_key(grp: Group) -> Tuple[Any, ...]:

@@ -51,15 +51,20 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     return torch.stack(sums), copy_of(x, copy_x)
 
 
-def apply_update(x, x_copy, x_ref, delta, scale, denom, workspace=None):
-    """x = x_ref + scale * (Delta + u), u = x_base - x_t, rounded as `_foreach.apply_update` does (the
-    last step as one fused multiply-add, `addcmul`)."""
-    x, x_t, x_ref = _tensors(x), _tensors(x_copy), _tensors(x_ref)
+def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=None):
+    """The update of `_foreach.apply_update`, tensor by tensor, each value rounded as it rounds it."""
+    x, x_t = _tensors(x), _tensors(x_copy)
     if delta is None:
-        for x_i, t_i, ref_i in zip(x, x_t, x_ref):
+        for x_i, t_i, ref_i in zip(x, x_t, _tensors(x_ref)):
             # u + Delta with Delta = (x_t - x_ref) / (S_old + eps)
             x_i.copy_(torch.addcmul(ref_i, (x_i - t_i) + (t_i - ref_i) / denom, scale))
+    elif x_ref is None:
+        keep, grow = 1 - scale_old, scale - scale_old
+        for x_i, t_i, delta_i in zip(x, x_t, _tensors(delta)):
+            w = t_i - x_i
+            delta_i.sub_(w)  # Delta += u
+            x_i.add_(torch.addcmul(w * keep, delta_i, grow))
     else:
-        for x_i, t_i, ref_i, delta_i in zip(x, x_t, x_ref, _tensors(delta)):
-            delta_i.add_(x_i - t_i)  # Delta += u
+        for x_i, t_i, ref_i, delta_i in zip(x, x_t, _tensors(x_ref), _tensors(delta)):
+            delta_i.sub_(t_i - x_i)  # Delta += u
             x_i.copy_(torch.addcmul(ref_i, delta_i, scale))

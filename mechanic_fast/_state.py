@@ -35,7 +35,8 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
-MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
+MECHANIC_PYTORCH_KEY = "_mechanic"
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # mechanic-pytorch keeps its state under this `state` key
 
 # per-parameter state of torch.optim optimizers that always has the parameter's shape
 TORCH_PARAM_SHAPED_STATE = frozenset(
@@ -120,43 +121,75 @@ def laid_out(
     deltas: Optional[Dict[Tensor, Tensor]],
     dtype_of: Callable[[Tensor], torch.dtype],
 ) -> Dict[Tensor, Dict[str, Tensor]]:
-    """Per-parameter Mechanic state made from x_ref (and Delta) values, each tiled as `tiled` lays it out."""
-    fresh = {p: {X_REF: x} for p, x in tiled(x_refs, dtype_of).items()}
-    if deltas is not None:
-        for p, d in tiled(deltas, dtype_of).items():
-            fresh[p][DELTA] = d
+    """Per-parameter Mechanic state made from x_ref and Delta values (either may cover only some
+    parameters), each tiled as `tiled` lays it out."""
+    fresh: Dict[Tensor, Dict[str, Tensor]] = {}
+    for name, values in ((X_REF, x_refs), (DELTA, deltas or {})):
+        for p, v in tiled(values, dtype_of).items():
+            fresh.setdefault(p, {})[name] = v
     return fresh
+
+
+def keeps_x_ref(store_delta: bool, p: Tensor) -> bool:
+    """Whether p's Mechanic state holds x_ref. With Delta stored, float32/float64 parameters need only
+    Delta (x = x_t + S * Delta_new - S_old * Delta_old, `functional.mechanic_update`); bfloat16/float16
+    ones keep x_ref too, so that x = x_ref + S * Delta is rounded once from precise values, not
+    accumulated in a format whose resolution is 2^-8."""
+    return not store_delta or p.dtype in LOW_PRECISION
+
+
+def has_state(entry: Dict[str, Any]) -> bool:
+    """Whether a parameter's state dict holds Mechanic's state."""
+    return X_REF in entry or DELTA in entry
+
+
+def ref_dtype(cfg: MechanicConfig, p: Tensor) -> torch.dtype:
+    """The dtype of p's x_ref and Delta: p's own, or float32 for low precision with ref_dtype='float32'."""
+    return torch.float32 if cfg.ref_dtype == "float32" and p.dtype in LOW_PRECISION else p.dtype
+
+
+def fresh_tuner(
+    param_groups: List[Dict[str, Any]],
+    cfg: MechanicConfig,
+    dtype_of: Callable[[Tensor], torch.dtype],
+    lr: Any,
+) -> Dict[str, Any]:
+    """A tuner entry in its initial state for these parameters (not installed), `lr` its reference lr
+    with lr_invariant: made before anything changes, so that a refusal leaves the optimizer as it was."""
+    params = [p for g in param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    cfg = cfg.with_store_delta({dtype_of(p) for p in params})
+    return new_tuner(cfg, device, tuner.state_dtype(cfg, {p.dtype for p in params}), lr)
 
 
 def tuner_entry(
     param_groups: List[Dict[str, Any]], cfg: MechanicConfig, dtype_of: Callable[[Tensor], torch.dtype]
 ) -> Dict[str, Any]:
-    """The tuner in param_groups[0], created in its initial state where it is missing (a new optimizer,
-    or one that loaded a plain base checkpoint) and moved to where the parameters are."""
+    """The tuner in param_groups[0], created in its initial state where it is missing (a new optimizer)
+    and moved to where the parameters are."""
     group = param_groups[0]
-    first = next((g["params"][0] for g in param_groups if g["params"]), None)  # per step: no list of all
-    device = first.device if first is not None else torch.device("cpu")
     entry = group.get(TUNER_KEY)
     if entry is None:
-        params = [p for g in param_groups for p in g["params"]]
-        cfg = cfg.with_store_delta({dtype_of(p) for p in params})
-        dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
-        entry = group[TUNER_KEY] = new_tuner(cfg, device, dtype, group.get("lr"))
-    elif entry["s"].device != device:  # the model moved after the optimizer was made
+        entry = group[TUNER_KEY] = fresh_tuner(param_groups, cfg, dtype_of, group.get("lr"))
+        return entry
+    first = next((g["params"][0] for g in param_groups if g["params"]), None)  # per step: no list of all
+    if (
+        first is not None and entry["s"].device != first.device
+    ):  # the model moved after the optimizer was made
         for name in (*tuner.TunerState._fields, "step"):
-            entry[name] = entry[name].to(device)
+            entry[name] = entry[name].to(first.device)
     return entry
 
 
 def advance_tuner(
     entry: Dict[str, Any], sums: Tensor, const: tuner.Constants, cfg: MechanicConfig
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     """`tuner.step` on the tuner `entry`, committed in place (stable addresses for CUDA graphs); returns
-    (S_new, S_old + eps) for the update. One copy_ per vector: inductor misorders a _foreach_copy_ whose
-    sources read one of its destinations (test_compile.py)."""
+    (S_new, S_old, S_old + eps) for the update. One copy_ per vector: inductor misorders a _foreach_copy_
+    whose sources read one of its destinations (test_compile.py)."""
     old = tuner_state(entry)
-    new, scale, denom = tuner.step(old, sums, const, cfg, lr_ref(entry))
+    new, scale, scale_old, denom = tuner.step(old, sums, const, cfg, lr_ref(entry))
     for buf, value in zip(old, new):
         buf.copy_(value)
     entry["step"].add_(1)
-    return scale, denom
+    return scale, scale_old, denom

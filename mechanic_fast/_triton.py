@@ -107,7 +107,7 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     numels = [t.numel() for t in like]
     copy = None  # written by the kernel
     if copy_x and x is not None:
-        copy = FlatCopy(x, workspace_buffer(workspace, "x_t", (sum(numels),), x[0]))
+        copy = FlatCopy(x, workspace_buffer(workspace, "flat", (sum(numels),), x[0]))
     blocks = _blocks(numels, device)
     table = _table(
         [
@@ -138,12 +138,14 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     return partial.sum(dim=0), copy  # rows reduced in a fixed order: deterministic
 
 
-def apply_update(x, x_copy, x_ref, delta, scale, denom, workspace=None):
+def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=None):
     """Same contract as `_foreach.apply_update`, in one pass."""
     n = len(x)
     device = x[0].device
     numels = [t.numel() for t in x]
     acc = torch.float64 if x[0].dtype == torch.float64 else torch.float32
+    if x_ref is None:  # the kernel reads S - S_old and 1 - S_old, made as the other implementations make them
+        scale, denom = scale - scale_old, 1 - scale_old
     blocks = _blocks(numels, device)
     table = _table(
         [_addresses(x, n), _addresses(x_copy, n), _addresses(x_ref, n), _addresses(delta, n), numels]
@@ -154,8 +156,9 @@ def apply_update(x, x_copy, x_ref, delta, scale, denom, workspace=None):
         scale,
         denom,
         X_TY=TL_DTYPES[x[0].dtype],
-        REF_TY=TL_DTYPES[x_ref[0].dtype],
+        REF_TY=TL_DTYPES[(x_ref if x_ref is not None else delta)[0].dtype],
         ACC=TL_DTYPES[acc],
+        HAS_REF=x_ref is not None,
         HAS_DELTA=delta is not None,
         BLOCK=_block_size(),
     )

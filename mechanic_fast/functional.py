@@ -7,7 +7,9 @@ Delta = sum of the base's updates (paper symbols in brackets):
 - `mechanic_sums`: ``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]``, taken before the base step (the
   tuner's inputs; with Delta not stored, x - x_ref stands for S * Delta), and a copy of x_t;
 - `mechanic_update`: after the base step moved x to x_base, with u = x_base - x_t,
-  ``Delta <- Delta + u; x <- x_ref + S * Delta`` (Delta not stored: ``(x_t - x_ref) / (S_old + eps) + u``).
+  ``Delta <- Delta + u; x <- x_t + S * Delta - S_old * Delta_old`` (the identity x = x_ref + S * Delta
+  without keeping x_ref), or, where x_ref is kept, ``x <- x_ref + S * Delta`` (Delta not stored:
+  ``(x_t - x_ref) / (S_old + eps) + u``).
 
 Every implementation rounds the update in that order, so they agree exactly on the update and to
 summation order on the sums (tests/test_implementations.py sweeps them against each other):
@@ -42,7 +44,7 @@ PER_TENSOR_MIN_NUMEL_ACCELERATOR = 1 << 22
 class Impl(NamedTuple):
     """An implementation: `sums(d, d_ref, g, x, *, acc_dtype, x_sums, copy_x, workspace)` returns
     ``([<d - d_ref, g>, <d - d_ref, x>, ||g||^2, ||x||^2], copy of x or None)``;
-    `update(x, x_t, x_ref, delta, scale, denom, workspace)` writes the update into x."""
+    `update(x, x_t, x_ref, delta, scale, scale_old, denom, workspace)` writes the update into x."""
 
     name: str
     sums: Callable[..., Tuple[Tensor, Any]]
@@ -155,15 +157,22 @@ def mechanic_sums(
 def mechanic_update(
     x: Sequence[Tensor],
     x_t: Any,
-    x_ref: Sequence[Tensor],
+    x_ref: Optional[Sequence[Tensor]],
     delta: Optional[Sequence[Tensor]],
     scale: Tensor,
+    scale_old: Tensor,
     denom: Tensor,
     *,
     impl: Impl,
     workspace: Optional[_foreach.Workspace] = None,
 ) -> None:
-    """x <- x_ref + scale * Delta_new, where x holds the base step's result x_base, `x_t` the copy
-    `mechanic_sums` made, and Delta_new = Delta + (x_base - x_t) (stored Delta advanced in place) or,
-    with `delta` None, (x_t - x_ref) / denom + (x_base - x_t). `x_t` is consumed."""
-    impl.update(x, x_t, x_ref, delta, scale, denom, workspace)
+    """The Mechanic update of x, which holds the base step's result x_base; `x_t` is the copy
+    `mechanic_sums` made (consumed), u = x_base - x_t, Delta_new = Delta + u, and S = `scale`:
+
+    - `x_ref` None (Delta stored alone): x <- x_t + S * Delta_new - S_old * Delta (`scale_old`);
+    - `delta` None (x_ref alone): Delta = (x_t - x_ref) / denom (denom = S_old + eps),
+      x <- x_ref + S * Delta_new;
+    - both: x <- x_ref + S * Delta_new.
+
+    Stored Delta is advanced in place."""
+    impl.update(x, x_t, x_ref, delta, scale, scale_old, denom, workspace)

@@ -90,8 +90,7 @@ class Mechanic(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _mechanic_ref_dtype(self, p: Tensor) -> torch.dtype:
-        low = p.dtype in (torch.float16, torch.bfloat16)
-        return torch.float32 if self._mechanic_config.ref_dtype == "float32" and low else p.dtype
+        return _state.ref_dtype(self._mechanic_config, p)
 
     def _mechanic_tuner(self) -> Dict[str, Any]:
         """The tuner entry in param_groups[0], made where missing, on the parameters' device."""
@@ -151,34 +150,30 @@ class Mechanic(torch.optim.Optimizer):
 
         device = entry["s"].device
         with torch.no_grad():
-            groups = layout.groups(params, grads, refs, maximize, new_refs, cfg.store_delta, everything)
+            groups = layout.groups(
+                params, grads, refs, maximize, new_refs, cfg.store_delta, everything, cfg.keep_workspace
+            )
             impls = [select_impl(cfg.backend, g.params, (g.grads, g.refs, g.deltas), g.numel) for g in groups]
             acc = _layout.acc_dtype(groups, entry["s"].dtype)
             parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
             sums = layout.total(parts, device, acc, everything, partition)
-            if cfg.skip_nonfinite and _skips(sums, grads, joins_others):  # nothing was committed yet
-                self.mechanic_skipped_steps += 1
-                return loss
+            if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
+                return loss  # nothing was committed yet
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
             if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
                 post, _ = _group_sums(groups, impls, acc, x_sums=True, copies=copies)
                 sums = sums + layout.total(post, device, acc, everything, partition)
-            scale, denom = _state.advance_tuner(entry, sums, layout.constants(cfg, entry["s"]), cfg)
+            scales = _state.advance_tuner(entry, sums, layout.constants(cfg, entry["s"]), cfg)
             for grp, impl, copy in zip(groups, impls, copies):
-                scale_here, denom_here = (
-                    t.to(grp.params[0].device, non_blocking=True) for t in (scale, denom)
-                )
+                # in the parameters' precision where it is higher (S - S_old, 1 - S_old of a float32 tuner
+                # lose digits that float64 parameters hold)
+                like = grp.params[0]
+                wide = torch.promote_types(scales[0].dtype, like.dtype)
+                here = [t.to(like.device, wide, non_blocking=True) for t in scales]
                 mechanic_update(
-                    grp.params,
-                    copy,
-                    grp.refs,
-                    grp.deltas,
-                    scale_here,
-                    denom_here,
-                    impl=impl,
-                    workspace=grp.workspace,
+                    grp.params, copy, grp.refs, grp.deltas, *here, impl=impl, workspace=grp.workspace
                 )
         if new_refs:
             _layout.commit(self.state, refs)
@@ -213,20 +208,24 @@ class Mechanic(torch.optim.Optimizer):
         if self._mechanic_log_count % self._mechanic_config.log_every == 0:
             self._mechanic_log_func({"iter_count": self._mechanic_log_count, "s": entry["s"].sum().item()})
 
+    @torch._dynamo.disable  # run eagerly: a compiled step would not replay the counter's increment
+    def _mechanic_skips(self, sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
+        """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step), counted
+        in `mechanic_skipped_steps`. Non-finite gradients make the sums non-finite; finite ones that
+        overflow them are not skipped (`tuner.step` then leaves the tuner as it was). Summed over ranks,
+        the sums decide alone: all ranks skip alike."""
+        if bool(torch.isfinite(sums).all()):
+            return False
+        if joins_others or not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.mechanic_skipped_steps += 1
+            return True
+        return False
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic then starts afresh from
         the current parameters at the next step). torch's hooks run as torch runs them; everything is
         validated before anything changes, and Mechanic's tensors keep their dtypes (`_state.load`)."""
         _checkpoint.load(self, state_dict, super().load_state_dict)
-
-
-def _skips(sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
-    """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step). Non-finite
-    gradients make the sums non-finite; finite ones that overflow them are not skipped (`tuner.step`
-    then leaves the tuner as it was). Summed over ranks, the sums decide alone: all ranks skip alike."""
-    if bool(torch.isfinite(sums).all()):
-        return False
-    return joins_others or not all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _group_sums(

@@ -110,10 +110,12 @@ def effective_scale(state: TunerState, cfg: MechanicConfig) -> Tensor:
 
 def step(
     state: TunerState, sums: Tensor, const: Constants, cfg: MechanicConfig, lr_ref: float = 1.0
-) -> Tuple[TunerState, Tensor, Tensor]:
-    """The whole scalar part of a Mechanic step: (state, inner products) -> (new state, S_new, S_old + eps).
+) -> Tuple[TunerState, Tensor, Tensor, Tensor]:
+    """The whole scalar part of a Mechanic step: (state, inner products) -> (new state, S_new, S_old,
+    S_old + eps).
 
-    S_new multiplies Delta + u in the parameter update; S_old + eps divides x_t - x_ref into Delta.
+    S_new multiplies Delta + u in the parameter update, S_old the Delta it replaces (x_ref not kept);
+    S_old + eps divides x_t - x_ref into Delta (Delta not stored).
     With lr_invariant the tuner runs in units of the reference lr (S~ = S * lr_ref), and the scales
     returned are in the parameters' units: S~_new / lr_ref and (S~_old + eps) / lr_ref.
     """
@@ -124,6 +126,7 @@ def step(
     # current scale, finite wherever the base's is.
     finite = torch.isfinite(torch.cat(new)).all()
     new = TunerState(*(torch.where(finite, a, b) for a, b in zip(new, state)))
+    applied = effective_scale(state, cfg)  # the S that made x_t from Delta
     if cfg.lr_invariant:
-        return new, effective_scale(new, cfg) / lr_ref, (scale_old + cfg.eps) / lr_ref
-    return new, effective_scale(new, cfg), scale_old + cfg.eps
+        return new, effective_scale(new, cfg) / lr_ref, applied / lr_ref, (scale_old + cfg.eps) / lr_ref
+    return new, effective_scale(new, cfg), applied, scale_old + cfg.eps

@@ -41,11 +41,12 @@ def _global_settings() -> dict:
         "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
         "grad mode": torch.is_grad_enabled(),
         # not settings: pytest's PYTEST_CURRENT_TEST names the test phase, and inductor keeps private
-        # bookkeeping in _TORCHINDUCTOR_* variables of its own
+        # bookkeeping in _TORCHINDUCTOR_* variables of its own (and, in older torch, records the cache
+        # directory it chose in TORCHINDUCTOR_CACHE_DIR)
         "environment": {
             k: v
             for k, v in os.environ.items()
-            if k != "PYTEST_CURRENT_TEST" and not k.startswith("_TORCHINDUCTOR")
+            if k not in ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR") and not k.startswith("_TORCHINDUCTOR")
         },
     }
 

@@ -68,7 +68,7 @@ def test_resume_is_bit_identical(variant, store_delta, tmp_path, seed):
 
 
 def test_state_dict_holds_all_mechanic_state_in_torchs_places(tmp_path):
-    """x_ref and Delta are per-parameter state, the tuner is in param_groups[0]: state_dict() has
+    """Delta is per-parameter state, the tuner is in param_groups[0]: state_dict() has
     exactly torch's keys, and the tuner keeps its float32 dtype even for bfloat16 parameters."""
     problem = make_problem(torch.float32)
     x = problem.params()
@@ -78,8 +78,9 @@ def test_state_dict_holds_all_mechanic_state_in_torchs_places(tmp_path):
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == set(range(len(x)))
     for i, p in enumerate(x):
-        assert set(sd["state"][i]) == {"step", "exp_avg", "exp_avg_sq", "mechanic_x_ref", "mechanic_delta"}
-        assert sd["state"][i]["mechanic_x_ref"].shape == p.shape
+        # float32 parameters: Delta alone (x_ref is kept for bfloat16/float16 ones)
+        assert set(sd["state"][i]) == {"step", "exp_avg", "exp_avg_sq", "mechanic_delta"}
+        assert sd["state"][i]["mechanic_delta"].shape == p.shape
     tuner = sd["param_groups"][0]["mechanic"]
     assert tuner["s"].shape == (6,) and tuner["step"].item() == 3 and tuner["variant"] == "paper"
     torch.save(sd, tmp_path / "o.pt")
@@ -150,7 +151,10 @@ def test_plain_base_checkpoint_starts_mechanic_from_there():
     problem.grad_step(x, 5)
     opt.step()
     for p, p0 in zip(x, at_switch):
-        assert torch.equal(opt.state[p]["mechanic_x_ref"], p0)  # Mechanic's reference is the switch point
+        # Mechanic starts at the switch point: Delta is the one base update since, x moved S (1e-6) of it
+        moved, delta = p.detach() - p0, opt.state[p]["mechanic_delta"]
+        torch.testing.assert_close(moved, 1e-6 * delta, rtol=1e-3, atol=1e-7)
+        assert delta.abs().max() > 1e-3
 
 
 def _trained(problem, make_opt, steps):
@@ -195,7 +199,7 @@ def test_a_fresh_optimizer_loads_its_own_state_dict(Base):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert all("mechanic_x_ref" in opt.state[p] for p in params)
+    assert all("mechanic_delta" in opt.state[p] for p in params)
 
 
 def _least_squares(params, targets):
@@ -204,14 +208,15 @@ def _least_squares(params, targets):
     sum(((p - t) ** 2).sum() for p, t in zip(params, targets)).backward()
 
 
-def test_a_float64_checkpoint_resumed_in_float32_keeps_delta():
-    """float64 runs recompute Delta (it cannot round away there); resumed in float32, Delta must become
-    state, or S * Delta below half an ulp of the weights stalls the scale at its start."""
+def test_an_x_ref_checkpoint_resumes_with_delta():
+    """An x_ref-only checkpoint (store_delta=False; the float64 default of earlier versions) loaded with
+    the layout left to Mechanic becomes Delta alone, so that x = x_ref + S * Delta holds as loaded, and
+    in float32 the scale is not stalled by S * Delta below half an ulp of the weights."""
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(64, generator=gen, dtype=torch.float64)
     targets = [torch.randn(64, generator=gen, dtype=torch.float64)]
     wide = [torch.nn.Parameter(start.clone())]
-    opt = mechanize(torch.optim.Adam)(wide, lr=1e-3)
+    opt = mechanize(torch.optim.Adam, store_delta=False)(wide, lr=1e-3)
     for _ in range(3):
         _least_squares(wide, targets)
         opt.step()
@@ -223,17 +228,18 @@ def test_a_float64_checkpoint_resumed_in_float32_keeps_delta():
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["mechanic"]["store_delta"] is True
     state = resumed.state[narrow[0]]
-    # x = x_ref + S * Delta holds as loaded, with x_ref as kept (float32)
+    assert "mechanic_x_ref" not in state and state["mechanic_delta"].dtype == torch.float32
+    # S * Delta = x - x_ref as loaded
     scale = saved["param_groups"][0]["mechanic"]["s"].sum() + 1e-8
-    assert state["mechanic_x_ref"].dtype == state["mechanic_delta"].dtype == torch.float32
-    rebuilt = state["mechanic_x_ref"].double() + scale * state["mechanic_delta"].double()
+    x_ref = saved["state"][0]["mechanic_x_ref"]
+    rebuilt = x_ref + scale * state["mechanic_delta"].double()
     torch.testing.assert_close(rebuilt.float(), narrow[0].detach(), rtol=0, atol=1e-6)
     narrow_targets = [t.float() for t in targets]
     for _ in range(300):
         _least_squares(narrow, narrow_targets)
         resumed.step()
     assert resumed.mechanic_scale > 1e-3, resumed.mechanic_scale  # recomputed, S stays near 1e-6
-    # and a float64 checkpoint into float64 parameters keeps its layout
-    again = mechanize(torch.optim.Adam)([torch.nn.Parameter(wide[0].detach().clone())], lr=1e-3)
+    # an explicit store_delta=False keeps the checkpoint's layout
+    again = mechanize(torch.optim.Adam, store_delta=False)([torch.nn.Parameter(wide[0].detach().clone())])
     again.load_state_dict(saved)
     assert again.param_groups[0]["mechanic"]["store_delta"] is False

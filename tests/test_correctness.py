@@ -51,9 +51,9 @@ def test_zero_dim_and_empty_parameters_train_beside_others():
         ((alone - 1) ** 2).backward()
         opt_alone.step()
     assert torch.isfinite(logit_scale) and logit_scale.item() != 2.0
-    assert alone.item() != 2.0 and "mechanic_x_ref" in opt.state[logit_scale]
-    assert opt.state[logit_scale]["mechanic_x_ref"].shape == ()
-    assert "mechanic_x_ref" not in opt.state.get(empty.weight, {})
+    assert alone.item() != 2.0 and "mechanic_delta" in opt.state[logit_scale]
+    assert opt.state[logit_scale]["mechanic_delta"].shape == ()
+    assert "mechanic_delta" not in opt.state.get(empty.weight, {})
     opt.load_state_dict(opt.state_dict())
 
 
@@ -72,7 +72,11 @@ def test_mixed_dtypes_with_float32_references(store_delta):
         (model[1](model[0](x.bfloat16()).float()).square().mean() + extra.square().sum()).backward()
         opt.step()
     for p in [*model.parameters(), extra]:
-        assert opt.state[p]["mechanic_x_ref"].dtype == (torch.float64 if p is extra else torch.float32)
+        assert opt.state[p]["mechanic_delta"].dtype == (torch.float64 if p is extra else torch.float32)
+        # x_ref is kept for the bfloat16 parameters alone (float32, as Delta)
+        low = p.dtype == torch.bfloat16
+        assert ("mechanic_x_ref" in opt.state[p]) == low
+        assert not low or opt.state[p]["mechanic_x_ref"].dtype == torch.float32
         assert torch.isfinite(p).all()
 
 
@@ -123,13 +127,15 @@ def test_recomputed_delta_still_stalls_where_asked_for():
     assert torch.equal(w, start) and max(scales) == pytest.approx(1e-6)
 
 
-def test_float64_parameters_do_not_keep_delta():
-    w = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_parameters_keep_delta_alone(dtype):
+    """One copy of the weights in Mechanic's state: Delta, no x_ref (float32 and float64 alike)."""
+    w = torch.nn.Parameter(torch.randn(4, dtype=dtype))
     opt = mechanize(torch.optim.Adam)([w], lr=1e-3)
-    w.grad = torch.randn(4, dtype=torch.float64)
+    w.grad = torch.randn(4, dtype=dtype)
     opt.step()
-    assert "mechanic_delta" not in opt.state[w]  # no stall to avoid: the default stays cheap
-    assert opt.param_groups[0]["mechanic"]["store_delta"] is False
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq", "mechanic_delta"}
+    assert opt.param_groups[0]["mechanic"]["store_delta"] is True
 
 
 def _digits_like(gen):

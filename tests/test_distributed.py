@@ -136,7 +136,7 @@ def test_unsharded_dcp_checkpoint_resumes_bit_identically(base, tmp_path):
     train(model, opt, 0, 10)
     model_sd, optim_sd = get_state_dict(model, opt)
     assert "mechanic" in optim_sd["param_groups"][0]
-    assert all("mechanic_x_ref" in s for s in optim_sd["state"].values())
+    assert all("mechanic_delta" in s for s in optim_sd["state"].values())
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "dcp"))
     train(model, opt, 10, 20)
 

@@ -196,7 +196,7 @@ def test_parameter_without_gradient_is_untouched(info, dtype, kwargs):
     opt = mechanize(info.optim_cls)([*params, idle], **_kwargs_copy(kwargs))
     _train(opt, problem, params, 10)
     assert torch.equal(idle.detach(), before)
-    assert idle not in opt.state or "mechanic_x_ref" not in opt.state[idle]
+    assert idle not in opt.state or "mechanic_delta" not in opt.state[idle]
 
 
 @pytest.mark.parametrize("info,dtype,kwargs", CASES)

@@ -21,7 +21,7 @@ def reference_trajectory(
     s_decay=0.01,
     s_init=1e-6,
     eps=1e-8,
-    store_delta=False,
+    store_delta=True,  # as mechanize's default
     make_base=None,
     frozen=(),
     after_step=None,

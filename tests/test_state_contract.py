@@ -47,10 +47,8 @@ def test_deepcopy_continues_identically(store_delta):
     problem, x, opt = _trained(store_delta=store_delta)
     model_copy, opt_copy = copy.deepcopy((x, opt))  # the copy's parameters are the copied ones
     assert type(opt_copy) is type(opt) and is_mechanized(opt_copy)
-    assert (
-        opt_copy.state[model_copy[0]]["mechanic_x_ref"].data_ptr()
-        != opt.state[x[0]]["mechanic_x_ref"].data_ptr()
-    )
+    key = "mechanic_delta" if store_delta else "mechanic_x_ref"
+    assert opt_copy.state[model_copy[0]][key].data_ptr() != opt.state[x[0]][key].data_ptr()
     ref = _continue(problem, x, opt, 6)
     got = _continue(problem, model_copy, opt_copy, 6)
     assert torch.equal(ref[1], got[1]) and all(torch.equal(a, b) for a, b in zip(ref[0], got[0]))
@@ -105,7 +103,7 @@ def test_renumbered_ids_and_non_parameter_keys_load_as_in_torch():
     }
     problem2 = problem
     x2 = [torch.nn.Parameter(p.detach().clone()) for p in x]
-    opt2 = mechanize(torch.optim.AdamW)(x2, lr=0.02, weight_decay=0.01)
+    opt2 = mechanize(torch.optim.AdamW, store_delta=False)(x2, lr=0.02, weight_decay=0.01)
     opt2.load_state_dict(sd)
     assert opt2.state["my_counter"] == 3
     ref = _continue(problem, x, opt, 6)
@@ -125,7 +123,7 @@ def test_float64_checkpoint_into_float32_parameters_gives_a_float32_tuner():
     opt32 = mechanize(torch.optim.Adam)(y, lr=0.01)
     opt32.load_state_dict(opt.state_dict())
     assert opt32.param_groups[0]["mechanic"]["s"].dtype == torch.float32
-    assert opt32.state[y[0]]["mechanic_x_ref"].dtype == torch.float32
+    assert opt32.state[y[0]]["mechanic_delta"].dtype == torch.float32
 
 
 def test_a_parameter_listed_twice_loads_its_own_checkpoint_and_counts_once():
@@ -156,16 +154,20 @@ def _spoil(kind):
             tuner["s"] = tuner["s"].clone().fill_(float("nan"))
         elif kind == "inf x_ref":
             first["mechanic_x_ref"] = first["mechanic_x_ref"].clone().fill_(float("inf"))
+        elif kind == "inf delta":
+            first["mechanic_delta"] = first["mechanic_delta"].clone().fill_(float("inf"))
         elif kind == "int64 tuner":
             tuner["m"] = tuner["m"].long()
         elif kind == "float16 tuner":
             tuner["v"] = tuner["v"].half()
-        elif kind == "x_ref missing":
-            del first["mechanic_x_ref"]
-        elif kind == "delta missing":
-            del first["mechanic_delta"]
+        elif kind == "delta missing":  # x_ref in its place
+            first["mechanic_x_ref"] = first.pop("mechanic_delta")
+        elif kind == "delta in the x_ref layout":
+            first["mechanic_delta"] = first["mechanic_x_ref"].clone()
         elif kind == "x_ref shape":
             first["mechanic_x_ref"] = first["mechanic_x_ref"].reshape(-1)[:3].clone()
+        elif kind == "delta shape":
+            first["mechanic_delta"] = first["mechanic_delta"].reshape(-1)[:3].clone()
         elif kind == "tuner shape":
             tuner["r"] = tuner["r"][:2].clone()
         elif kind == "step":
@@ -182,11 +184,13 @@ def _spoil(kind):
 MESSAGES = {
     "nan tuner": "NaN or Inf",
     "inf x_ref": "NaN or Inf",
+    "inf delta": "NaN or Inf",
     "int64 tuner": "float32 or float64",
     "float16 tuner": "float32 or float64",
-    "x_ref missing": "no Mechanic x_ref",
     "delta missing": "no Mechanic Delta",
+    "delta in the x_ref layout": "store_delta=False",
     "x_ref shape": "shape",
+    "delta shape": "shape",
     "tuner shape": "shape",
     "step": "step count",
     "mechanic-pytorch": "mechanic-pytorch checkpoint",
@@ -196,7 +200,8 @@ MESSAGES = {
 
 @pytest.mark.parametrize("kind", list(MESSAGES))
 def test_bad_checkpoints_are_refused_and_the_optimizer_is_unchanged(kind):
-    problem, x, opt = _trained(store_delta=True)
+    # the x_ref layout (store_delta=False) for what spoils x_ref, else the default one (Delta alone)
+    problem, x, opt = _trained(store_delta=False if "x_ref" in kind else None)
     bad = _spoil(kind)(copy.deepcopy(opt.state_dict()))
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=MESSAGES[kind]):
@@ -265,7 +270,7 @@ def test_zero_lr_step_on_a_fresh_optimizer_creates_state_without_moving():
         p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(x, before))
-    assert all(torch.equal(opt.state[p]["mechanic_x_ref"], p) for p in x)
+    assert all(torch.equal(opt.state[p]["mechanic_delta"], torch.zeros_like(p)) for p in x)
     assert opt.param_groups[0]["mechanic"]["step"].item() == 0
 
 
@@ -301,18 +306,26 @@ def test_mechanize_instance_refuses_a_foreign_step_wrapper():
 
 
 @pytest.mark.parametrize("saved_with", [False, True])
-def test_default_store_delta_loads_either_layout_and_keeps_it(saved_with):
-    """store_delta left at None takes the checkpoint's layout (an explicit value must match it)."""
+def test_default_store_delta_loads_either_layout(saved_with):
+    """store_delta left at None loads either layout into Delta alone (an x_ref-only checkpoint is
+    converted, the run goes on from the same point); the same explicit value resumes bit for bit, and
+    another is refused."""
     problem, x, opt = _trained(store_delta=saved_with)
     sd = copy.deepcopy(opt.state_dict())
     y = [p.detach().clone().requires_grad_() for p in x]
+    z = [p.detach().clone().requires_grad_() for p in x]
     resumed = mechanize(torch.optim.AdamW)(y, lr=0.02, weight_decay=0.01)
-    resumed.load_state_dict(sd)
-    assert resumed.param_groups[0]["mechanic"]["store_delta"] is saved_with
+    resumed.load_state_dict(copy.deepcopy(sd))  # torch's load may alias the base's tensors: one each
+    assert resumed.param_groups[0]["mechanic"]["store_delta"] is True
+    assert all("mechanic_x_ref" not in resumed.state[p] for p in y)
+    same = mechanize(torch.optim.AdamW, store_delta=saved_with)(z, lr=0.02, weight_decay=0.01)
+    same.load_state_dict(copy.deepcopy(sd))
     expected = _continue(problem, x, opt, 6)
-    got = _continue(problem, y, resumed, 6)
-    assert all(torch.equal(a, b) for a, b in zip(expected[0], got[0]))
-    assert torch.equal(expected[1], got[1])
+    got, got_same = _continue(problem, y, resumed, 6), _continue(problem, z, same, 6)
+    assert all(torch.equal(a, b) for a, b in zip(expected[0], got_same[0]))
+    assert torch.equal(expected[1], got_same[1])
+    for a, b in zip(expected[0], got[0]):  # Delta from x_ref: the same run to rounding
+        torch.testing.assert_close(a, b, rtol=0 if saved_with else 1e-5, atol=0 if saved_with else 1e-6)
     other = mechanize(torch.optim.AdamW, store_delta=not saved_with)(y, lr=0.02)
     with pytest.raises(ValueError, match="store_delta"):
         other.load_state_dict(sd)

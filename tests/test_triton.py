@@ -81,11 +81,11 @@ def test_apply_update_matches_float64_and_foreach(dtype, ref_dtype, stored, seed
     x, x_t, ref = _lists(dtype, gen)
     ref = [t.to(ref_dtype) for t in ref]
     delta = [torch.randn(s, generator=gen).to(ref_dtype) for s in SHAPES] if stored else None
-    scale, denom = torch.tensor(0.37), torch.tensor(0.21)
+    scale, scale_old, denom = torch.tensor(0.37), torch.tensor(0.29), torch.tensor(0.21)
     ours = [t.clone() for t in x]
     ours_delta = [t.clone() for t in delta] if stored else None
     _, copy = _triton.inner_products(x_t, None, None, x_t, acc_dtype=torch.float32, x_sums=False, copy_x=True)
-    _triton.apply_update(ours, copy, ref, ours_delta, scale, denom)
+    _triton.apply_update(ours, copy, ref, ours_delta, scale, scale_old, denom)
     # float64 math of the spec, rounded once to the parameters' dtype
     for i, (a, xb, xt, r) in enumerate(zip(ours, x, x_t, ref)):
         u = xb.double() - xt.double()
@@ -99,7 +99,7 @@ def test_apply_update_matches_float64_and_foreach(dtype, ref_dtype, stored, seed
             torch.testing.assert_close(ours_delta[i].double(), step_delta, rtol=1e-6, atol=1e-6)
     if dtype == torch.float32:  # and the foreach implementation, which rounds at every op
         theirs = [t.clone() for t in x]
-        _foreach.apply_update(theirs, [t.clone() for t in x_t], ref, delta, scale, denom)
+        _foreach.apply_update(theirs, [t.clone() for t in x_t], ref, delta, scale, scale_old, denom)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

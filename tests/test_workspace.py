@@ -47,14 +47,33 @@ def test_workspace_is_reused_across_steps():
         (group,) = opt._mechanic_layout.cached[1]
         addresses.append({k: b.data_ptr() for k, b in group.workspace.buffers.items()})
     assert addresses[0] and all(a == addresses[0] for a in addresses)
-    # g and x_t gathered side by side; the update reuses the gradient row: 2 copies of the weights
-    assert group.workspace.nbytes() == 2 * sum(p.numel() * 4 for p in params)
+    # one weight-sized buffer: the gradients gathered for their sums, then x_t
+    assert group.workspace.nbytes() == sum(p.numel() * 4 for p in params)
+
+
+@pytest.mark.parametrize("keep", [False, None])
+def test_no_workspace_is_kept_unless_asked_for_or_on_cpu(keep):
+    """keep_workspace=False (the default on accelerators) keeps nothing between steps, and gives the
+    result of a kept one."""
+    results = []
+    for option in (keep, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, 16, generator=gen)) for _ in range(5)]
+        opt = mechanize(torch.optim.SGD, keep_workspace=option)(params, lr=0.1, momentum=0.9)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        (group,) = opt._mechanic_layout.cached[1]
+        assert (group.workspace is None) == (option is False)
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("store_delta", [None, False])
 def test_few_large_tensors_keep_only_the_x_t_copy(monkeypatch, store_delta):
-    """Gradients reduced in place (few large tensors): the workspace holds x_t alone, plus the update's
-    scratch when Delta is recomputed; the result equals the gathered layout's."""
+    """Gradients reduced in place (few large tensors): the workspace holds x_t alone; the result equals
+    the gathered layout's."""
     from mechanic_fast import functional
 
     results = []
@@ -70,6 +89,6 @@ def test_few_large_tensors_keep_only_the_x_t_copy(monkeypatch, store_delta):
         results.append([p.detach().clone() for p in params])
     numel = sum(p.numel() for p in params)
     (group,) = opt._mechanic_layout.cached[1]
-    assert group.workspace.nbytes() == (1 if store_delta is None else 2) * numel * 4
+    assert group.workspace.nbytes() == numel * 4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
