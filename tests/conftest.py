@@ -46,7 +46,8 @@ def _global_settings() -> dict:
         "environment": {
             k: v
             for k, v in os.environ.items()
-            if k not in ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR") and not k.startswith("_TORCHINDUCTOR")
+            if k not in ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+            and not k.startswith("_TORCHINDUCTOR")
         },
     }
 
