@@ -173,10 +173,37 @@ def test_every_implementation_rounds_the_update_alike(dtype, delta_layout, seed)
     for name, (x, delta) in results.items():
         pairs = list(zip(x, first_x)) + (list(zip(delta, first_delta)) if delta is not None else [])
         if name == "triton" and dtype == torch.bfloat16:
+            # within a bfloat16 step of the values formed (two without x_ref: x goes through four
+            # roundings, which some interpreter versions truncate); a result near 0 that cancels
+            # operands of order 1 within a step of those
+            rtol = 2**-6 if delta_layout == "delta_only" else 2**-7
             for a, b in pairs:
-                torch.testing.assert_close(a, b, rtol=2**-7, atol=0)
+                torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+        elif name == "triton" and not _interpreted_fma_is_fused():
+            # some Triton interpreters round tl.fma's product before the sum (GPUs fuse it): within one
+            # rounding of the others there
+            for a, b in pairs:
+                torch.testing.assert_close(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0)
         else:
             assert all(torch.equal(a, b) for a, b in pairs), name
+
+
+def _interpreted_fma_is_fused() -> bool:
+    """Whether tl.fma rounds once where Triton runs here: (1 + 2^-23)(1 - 2^-23) - 1 is -2^-46 fused, 0
+    with the product rounded first."""
+    a = torch.tensor([1 + 2**-23, 1 - 2**-23, -1.0])
+    out = torch.zeros(1)
+    _fma_kernel[(1,)](a, out)
+    return out.item() != 0
+
+
+if "triton" in IMPLS:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma_kernel(a_ptr, out_ptr):
+        tl.store(out_ptr, tl.fma(tl.load(a_ptr), tl.load(a_ptr + 1), tl.load(a_ptr + 2)))
 
 
 @pytest.mark.parametrize("with_workspace", [True, False])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -41,8 +43,11 @@ def test_snippet_runs(page, index, indent, code, tmp_path, monkeypatch):
     code = "\n".join(line[len(indent) :] for line in code.splitlines())
     monkeypatch.chdir(tmp_path)  # snippets that write files (checkpoints, TensorBoard logs) write here
     # what a snippet sets (MASTER_ADDR, ...) ends with it; a free port, not the snippet's fixed one
+    # run as a module that exists (torch.compile looks its code's module up, in some torch versions)
+    module = types.ModuleType(f"snippet_{index}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     with mock.patch.dict(os.environ, MASTER_PORT=_free_port()):
-        exec(compile(code, f"{page} snippet {index}", "exec"), {"__name__": f"snippet_{index}"})
+        exec(compile(code, f"{page} snippet {index}", "exec"), module.__dict__)
 
 
 def test_ci_runs_the_readme_test_command():

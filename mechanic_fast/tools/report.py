@@ -13,7 +13,8 @@ BASE_COLORS = {"AdamW": ("C0", "Blues"), "SGD": ("C1", "Oranges")}
 
 METHOD_LABELS = {"plain": "", "mechanized": "mechanized ", "invariant": "lr-invariant mechanized "}
 # the sweep's implementations, in the order of its tables
-IMPLS = ("base", "mechanic_pytorch", "foreach", "base_compiled", "compiled", "triton")
+# "foreach_fresh": keep_workspace=False (the accelerator default: no buffer kept between steps)
+IMPLS = ("base", "mechanic_pytorch", "foreach", "foreach_fresh", "base_compiled", "compiled", "triton")
 
 
 def plot_series(runs: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -130,18 +131,19 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head = (
         "| device | dtype | shapes | impl | step ms | overhead ms | floor ms | overhead / floor "
-        "| speedup vs mechanic-pytorch | peak extra MiB | note |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n"
+        "| speedup vs mechanic-pytorch | peak extra MiB | resident MiB | note |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
     for r in rows:
-        peak = r.get("peak_extra_bytes")
+        peak, resident = r.get("peak_extra_bytes"), r.get("resident_bytes")
         lines.append(
             f"| {r['device']} | {r['dtype']} | {r['shape_set']} | {r['impl']} "
             f"| {_fmt(r.get('step_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_ms'), '.2f')} | {_fmt(r.get('floor_ms'), '.2f')} "
             f"| {_fmt(r.get('overhead_over_floor'), '.1f')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} "
             f"| {_fmt(peak / 2**20 if peak is not None else None, '.1f')} "
+            f"| {_fmt(resident / 2**20 if resident is not None else None, '.1f')} "
             f"| {r.get('note', '').replace('|', '/')} |"
         )
     return head + "\n".join(lines) + "\n"

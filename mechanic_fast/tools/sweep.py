@@ -153,8 +153,9 @@ def _make_optimizer(impl: str, params: List[torch.nn.Parameter]) -> Callable[[],
         except ImportError:
             raise Unavailable("not installed (pip install mechanic-pytorch==0.0.1)") from None
         return mechanic_pytorch.mechanize(torch.optim.AdamW)(params, **kwargs).step
-    if impl == "foreach":
-        return mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step
+    if impl in ("foreach", "foreach_fresh"):
+        keep = None if impl == "foreach" else False
+        return mechanize(torch.optim.AdamW, backend="foreach", keep_workspace=keep)(params, **kwargs).step
     if impl == "compiled":
         return torch.compile(mechanize(torch.optim.AdamW, backend="foreach")(params, **kwargs).step)
     if impl == "triton":
@@ -228,6 +229,7 @@ def measure(
             _sync(device)
             row["warmup_s"] = time.perf_counter() - start
             row["peak_extra_bytes"] = _peak_bytes(step, set_grads, device)
+            row["resident_bytes"] = _resident_bytes(step)
         except Exception as exc:
             row["note"] = f"failed: {type(exc).__name__}: {exc}"
             continue
@@ -283,7 +285,23 @@ def _kept_bytes(step: Callable[[], Any]) -> int:
     peak: they are allocated for the step, only not freed after it."""
     opt = getattr(step, "__self__", None)
     cached = getattr(getattr(opt, "_mechanic_layout", None), "cached", None)
-    return sum(grp.workspace.nbytes() for grp in cached[1]) if cached else 0
+    return sum(grp.workspace.nbytes() for grp in cached[1] if grp.workspace is not None) if cached else 0
+
+
+def _resident_bytes(step: Callable[[], Any]) -> Optional[int]:
+    """Bytes a mechanized optimizer keeps between steps beyond its base: Mechanic's per-parameter state
+    (one count per storage) and its kept workspace; None for what is not a mechanized step."""
+    opt = getattr(step, "__self__", None)
+    if getattr(opt, "_mechanic_layout", None) is None:
+        return None
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for s in opt.state.values()
+        if isinstance(s, dict)
+        for k, t in s.items()
+        if k.startswith("mechanic_") and torch.is_tensor(t)
+    }
+    return sum(storages.values()) + _kept_bytes(step)
 
 
 # ---------------------------------------------------------------------------------------------- sweep
