@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, overload
 
@@ -10,7 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _distributed
-from ._config import MechanicConfig
+from ._config import MechanicConfig, usual_lr
 from ._instance import mechanize_instance, unwrap
 from .optimizer import Mechanic, _default_log_func
 
@@ -71,7 +72,7 @@ def mechanize(
     compile: bool = False,
     ref_dtype: Optional[str] = None,
     skip_nonfinite: bool = False,
-    lr_invariant: bool = False,
+    lr_invariant: Optional[bool] = None,
     keep_workspace: Optional[bool] = None,
     partition_group: Any = None,
 ) -> Any:
@@ -89,13 +90,14 @@ def mechanize(
     Args:
         Base: a ``torch.optim.Optimizer`` subclass, or an optimizer instance.
         s_decay: lambda in the paper, the weight of the ``lambda * S * ||g|| / ||x|| * x`` term that
-            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01 (10 with
-            ``lr_invariant``, where S is measured in units of the reference lr).
+            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01 for the paper
+            variant; 10 in the lr-invariant mode (in units of the reference lr: the paper's 0.01 at lr
+            1e-3), measured best for Adam-like bases and SGD alike.
         betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
             their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
             Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
-        s_init: S of the first update for ``variant="paper"`` (None: 1e-6; 1e-8 for mechanic_pytorch;
-            with ``lr_invariant``, the first effective lr relative to the reference lr: 1e-9).
+        s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch; in
+            the lr-invariant mode, 1e-6 at the base's usual lr, in units of the reference lr).
         eps: floor of the tuner's divisions.
         store_delta: keep Delta as state (True, the default; float32/float64 parameters then keep no
             x_ref: one copy of the weights in all) or keep x_ref and recompute Delta as (x - x_ref) / S
@@ -115,9 +117,10 @@ def mechanize(
             NaN/Inf, at the cost of one host sync per step.
         lr_invariant: measure the scale in units of a reference lr (group 0's lr when the tuner is
             made), so that multiplying every lr by a constant changes nothing for a base whose update is
-            proportional to lr: the same effective lr and parameters at every step. ``s_init`` and
-            ``s_decay`` are then in those units (None: 1e-9 and 10, the paper's defaults at lr 1e-3).
-            Off by default: the paper variant is the default.
+            proportional to lr: the same effective lr and parameters at every step. None (the default):
+            on for the paper variant, with the base's usual lr as the reference where group 0's is 0
+            (a warmup's first lr), and a checkpoint's mode is kept when it is loaded; True refuses an lr
+            of 0; False is the paper's math as optax has it (S in units of whatever lr is given).
         keep_workspace: keep the step's weight-sized flat buffer (the x_t copy) from step to step
             (None: on CPU, where a fresh one is page-faulted in at every step; not on accelerators,
             whose caching allocator lends the freed buffer to activations between steps).
@@ -184,6 +187,7 @@ def mechanized_class(
 ) -> type:
     """The mechanized subclass of `Base`, one per (base, options, log_func, partition group): an optimizer,
     its deepcopy and its unpickled copy share it."""
+    cfg = dataclasses.replace(cfg, usual_lr=usual_lr(Base))  # the lr-invariant mode's unit for this base
     key = (Base, cfg, log_func, partition_group)
     cls = _CLASSES.get(key)
     if cls is None:

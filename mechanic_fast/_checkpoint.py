@@ -182,11 +182,17 @@ def _parse_tuner(
             raise ValueError(
                 f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}"
             )
-    if entry.get("lr_invariant", False) != cfg.lr_invariant:
+    saved_invariant = entry.get("lr_invariant", False)
+    if cfg.lr_invariant is not None and saved_invariant != cfg.lr_invariant:
         raise ValueError(
-            f"checkpoint was saved with Mechanic lr_invariant={entry.get('lr_invariant', False)!r}, "
+            f"checkpoint was saved with Mechanic lr_invariant={saved_invariant!r}, "
             f"this optimizer has {cfg.lr_invariant!r}"
         )
+    if not isinstance(saved_invariant, bool):
+        raise ValueError(f"checkpoint's Mechanic lr_invariant is not a bool: {saved_invariant!r}")
+    cfg = cfg.resolved(saved_invariant)  # the default (None) keeps the checkpoint's mode
+    if saved_invariant:
+        options["lr_invariant"] = True
     params = list(id_map.values())
     device = params[0].device if params else torch.device("cpu")
     dtype = tuner.state_dtype(cfg, {p.dtype for p in params})

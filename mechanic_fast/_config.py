@@ -15,15 +15,24 @@ BACKENDS = ("auto", "foreach", "triton")
 # Each variant's own default for s_init (with 1e-8 the paper math starts far slower).
 DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
 DEFAULT_S_DECAY = 0.01
-# lr_invariant=True measures S and lambda in units of the reference lr (docs/lr_invariant.md); its
-# defaults are the paper's s_init and lambda at a reference lr of 1e-3 (the tuner's eps stays as it is,
-# in the tuner's own units, so the two modes differ by eps's share while h is small).
-INVARIANT_REFERENCE_LR = 1e-3
+# The lr-invariant mode measures S and lambda in units of the reference lr (docs/lr_invariant.md; the
+# tuner's eps stays as it is, in the tuner's own units). Its s_init is the paper's at the base's usual
+# lr: 1e-3 for Adam-like bases, whose updates are normalised, 0.1 for SGD, whose updates are gradients.
+# Its lambda is 10 for both, the paper's 0.01 at lr 1e-3: at 1500 steps it was the best or within 0.5%
+# of the best of 10, 1, 0.1, 0 on every task for AdamW and for SGD (bench/lr_default.py).
+ADAM_LIKE_LR = 1e-3
+SGD_LIKE_LR = 0.1
+INVARIANT_S_DECAY = 10.0
+
+
+def usual_lr(base: type) -> float:
+    """The usual lr of a base optimizer class: SGD's (gradient-sized updates) or Adam's (normalised)."""
+    return SGD_LIKE_LR if issubclass(base, torch.optim.SGD) else ADAM_LIKE_LR
 
 
 @dataclass(frozen=True)
 class MechanicConfig:
-    s_decay: Optional[float] = None  # lambda in the paper; None: 0.01 (lr_invariant: 0.01 / 1e-3)
+    s_decay: Optional[float] = None  # lambda in the paper; None: 0.01 (lr-invariant: 10, `resolved`)
     betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
     s_init: Optional[float] = None
     eps: float = 1e-8
@@ -34,8 +43,11 @@ class MechanicConfig:
     compile: bool = False
     ref_dtype: Optional[str] = None  # None: x_ref in the parameter's dtype; "float32": fp32 for low precision
     skip_nonfinite: bool = False
-    lr_invariant: bool = False  # S and lambda in units of the reference lr (group 0's when made)
+    # S and lambda in units of the reference lr (group 0's when the tuner is made). None: the default,
+    # lr-invariant for the paper variant; a checkpoint's mode is kept when loaded
+    lr_invariant: Optional[bool] = None
     keep_workspace: Optional[bool] = None  # None: keep the step's flat buffer between steps on CPU only
+    usual_lr: float = ADAM_LIKE_LR  # the base's usual lr (`usual_lr`, set per base class by `mechanize`)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -50,22 +62,17 @@ class MechanicConfig:
         if not all(0.0 < b < 1.0 for b in betas):
             raise ValueError(f"every beta must lie in (0, 1), got {betas}")
         object.__setattr__(self, "betas", betas)
-        if not isinstance(self.lr_invariant, bool):
-            raise ValueError(f"lr_invariant must be a bool, got {self.lr_invariant!r}")
+        if self.lr_invariant is not None and not isinstance(self.lr_invariant, bool):
+            raise ValueError(f"lr_invariant must be None or a bool, got {self.lr_invariant!r}")
         if self.lr_invariant and self.variant != "paper":
             raise ValueError("lr_invariant=True is a form of the paper variant; use variant='paper'")
-        if self.s_init is None:
-            s_init = DEFAULT_S_INIT[self.variant]
-            object.__setattr__(
-                self, "s_init", s_init * INVARIANT_REFERENCE_LR if self.lr_invariant else s_init
-            )
-        if self.s_decay is None:
-            s_decay = DEFAULT_S_DECAY / INVARIANT_REFERENCE_LR if self.lr_invariant else DEFAULT_S_DECAY
-            object.__setattr__(self, "s_decay", s_decay)
-        object.__setattr__(self, "s_init", _real("s_init", self.s_init, positive=True))
+        if self.s_init is not None:
+            object.__setattr__(self, "s_init", _real("s_init", self.s_init, positive=True))
         # eps > 0: 0 divides 0 by 0 at a zero gradient
         object.__setattr__(self, "eps", _real("eps", self.eps, positive=True))
-        object.__setattr__(self, "s_decay", _real("s_decay", self.s_decay))
+        if self.s_decay is not None:
+            object.__setattr__(self, "s_decay", _real("s_decay", self.s_decay))
+        object.__setattr__(self, "usual_lr", _real("usual_lr", self.usual_lr, positive=True))
         log_every = self.log_every
         if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 0:
             raise ValueError(
@@ -92,6 +99,24 @@ class MechanicConfig:
         than x_ref, which float32/float64 parameters then do not keep (`_state.keeps_x_ref`).
         """
         return self if self.store_delta is not None else replace(self, store_delta=True)
+
+    @property
+    def invariant_by_default(self) -> bool:
+        """The mode of a new tuner: `lr_invariant` as given, else lr-invariant for the paper variant."""
+        return self.lr_invariant if self.lr_invariant is not None else self.variant == "paper"
+
+    def resolved(self, invariant: bool) -> MechanicConfig:
+        """This config for a tuner in the given mode: `lr_invariant` set, and `s_init` and `s_decay` left
+        at None given that mode's defaults (the paper's; in the lr-invariant mode, in units of the
+        reference lr: the paper's s_init at the base's usual lr, and INVARIANT_S_DECAY)."""
+        unit = self.usual_lr if invariant else 1.0
+        s_decay = INVARIANT_S_DECAY if invariant else DEFAULT_S_DECAY
+        return replace(
+            self,
+            lr_invariant=invariant,
+            s_init=DEFAULT_S_INIT[self.variant] * unit if self.s_init is None else self.s_init,
+            s_decay=s_decay if self.s_decay is None else self.s_decay,
+        )
 
     def options(self) -> Dict[str, Any]:
         """The options as `mechanize` keywords (to rebuild the same class)."""

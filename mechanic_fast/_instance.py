@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import weakref
@@ -11,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from . import _checkpoint, _distributed, _state
-from ._config import MechanicConfig
+from ._config import MechanicConfig, usual_lr
 from .optimizer import check_group
 
 
@@ -97,6 +98,7 @@ def mechanize_instance(
                 "(e.g. before a framework's prepare/setup)"
             )
     # Mechanic's state, checked and made before anything changes: a refusal leaves `opt` as it was
+    cfg = dataclasses.replace(cfg, usual_lr=usual_lr(type(opt)))
     entry, per_param = _checkpoint.adopt(opt, cfg, functools.partial(_state.ref_dtype, cfg))
     opt.__class__ = mechanized_class(type(opt), cfg, log_func)
     for p, tensors in per_param.items():

@@ -91,11 +91,14 @@ class StepLayout:
         self._run_cfg: Optional[MechanicConfig] = None
         self._const: Optional[Tuple[Tuple[Any, ...], tuner.Constants]] = None
 
-    def run_config(self, cfg: MechanicConfig, store_delta: bool) -> MechanicConfig:
-        """The options with `store_delta` as the state has it (decided when the tuner was made, or as
-        loaded, when the option was left at None); kept, so that a compiled step reads an attribute."""
-        if self._run_cfg is None or self._run_cfg.store_delta != store_delta:
-            self._run_cfg = dataclasses.replace(cfg, store_delta=store_delta)
+    def run_config(self, cfg: MechanicConfig, entry: Dict[str, Any]) -> MechanicConfig:
+        """The options as the tuner `entry` has them (decided when the tuner was made, or as loaded, where
+        an option was left at None): `store_delta`, and the mode with its constants; kept, so that a
+        compiled step reads an attribute."""
+        store_delta, invariant = entry["store_delta"], entry.get("lr_invariant", False)
+        run = self._run_cfg
+        if run is None or run.store_delta != store_delta or run.lr_invariant != invariant:
+            self._run_cfg = dataclasses.replace(cfg, store_delta=store_delta).resolved(invariant)
         return self._run_cfg
 
     def constants(self, cfg: MechanicConfig, like: Tensor) -> tuner.Constants:

@@ -58,26 +58,32 @@ TORCH_PARAM_SHAPED_STATE = frozenset(
 
 
 def new_tuner(
-    cfg: MechanicConfig, device: torch.device, dtype: torch.dtype, lr: Any = None
+    cfg: MechanicConfig, device: torch.device, dtype: torch.dtype, lr: Any = None, fallback_lr: Any = None
 ) -> Dict[str, Any]:
-    """The param_groups[0] entry of a fresh tuner (`cfg.store_delta` decided, see `with_store_delta`).
-    With lr_invariant, `lr` (group 0's lr now) becomes the reference lr, kept with the tuner."""
+    """The param_groups[0] entry of a fresh tuner (`cfg` resolved: `store_delta` and `lr_invariant`
+    decided). In the lr-invariant mode `lr` (group 0's lr now) becomes the reference lr, kept with the
+    tuner; where it is not > 0 (a warmup's first lr) `fallback_lr` does, if given."""
     entry: Dict[str, Any] = dict(tuner.initial_state(cfg, device, dtype)._asdict())
     entry["step"] = torch.zeros((), dtype=torch.int64, device=device)
     entry.update(options(cfg))
     if cfg.lr_invariant:
-        entry["lr_ref"] = reference_lr(lr)
+        usable = fallback_lr is None or _is_positive(lr)
+        entry["lr_ref"] = reference_lr(lr if usable else fallback_lr)
     return entry
 
 
-def reference_lr(lr: Any) -> float:
+def _is_positive(lr: Any) -> bool:
     value = float(lr) if torch.is_tensor(lr) or isinstance(lr, (int, float)) else math.nan
-    if not math.isfinite(value) or value <= 0:
+    return math.isfinite(value) and value > 0
+
+
+def reference_lr(lr: Any) -> float:
+    if not _is_positive(lr):
         raise ValueError(
             f"lr_invariant=True measures the scale in units of group 0's lr, which must be a finite "
             f"number > 0 when the tuner is made; it is {lr!r}"
         )
-    return value
+    return float(lr)
 
 
 def lr_ref(entry: Dict[str, Any]) -> float:
@@ -158,8 +164,10 @@ def fresh_tuner(
     with lr_invariant: made before anything changes, so that a refusal leaves the optimizer as it was."""
     params = [p for g in param_groups for p in g["params"]]
     device = params[0].device if params else torch.device("cpu")
-    cfg = cfg.with_store_delta({dtype_of(p) for p in params})
-    return new_tuner(cfg, device, tuner.state_dtype(cfg, {p.dtype for p in params}), lr)
+    # the default mode falls back to the base's usual lr where group 0's is 0; lr_invariant=True refuses
+    fallback = cfg.usual_lr if cfg.lr_invariant is None else None
+    cfg = cfg.with_store_delta({dtype_of(p) for p in params}).resolved(cfg.invariant_by_default)
+    return new_tuner(cfg, device, tuner.state_dtype(cfg, {p.dtype for p in params}), lr, fallback)
 
 
 def tuner_entry(

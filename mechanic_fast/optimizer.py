@@ -139,7 +139,7 @@ class Mechanic(torch.optim.Optimizer):
             # a step that creates state runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
         entry = self._mechanic_tuner()
-        cfg = layout.run_config(self._mechanic_config, entry["store_delta"])
+        cfg = layout.run_config(self._mechanic_config, entry)
         with torch.no_grad():
             refs, new_refs = layout.refs(self.state, params, known, cfg.store_delta, self._mechanic_ref_dtype)
         if _layout.lr_is_zero(self.param_groups):

@@ -56,7 +56,7 @@ def _run_ours(problem, factory, steps, frozen=()):
 @pytest.mark.parametrize("Base,kwargs", CASES)
 def test_base_optimizers_match_reference(Base, kwargs, problem, seed):
     ref_x, _ = reference_trajectory(problem, Base, kwargs, 15)
-    x, opt = _run_ours(problem, lambda ps: mechanize(Base)(ps, **kwargs), 15)
+    x, opt = _run_ours(problem, lambda ps: mechanize(Base, lr_invariant=False)(ps, **kwargs), 15)
     assert isinstance(opt, Base) and isinstance(opt, Mechanic) and is_mechanized(opt)
     for a, b in zip(x, ref_x):
         assert max_rel(a.detach(), b) < 1e-11, seed
@@ -72,7 +72,7 @@ def test_param_groups_with_own_lr_and_weight_decay(problem, seed):
     ref_x, _ = reference_trajectory(
         problem, None, None, 20, make_base=lambda ps: torch.optim.AdamW(groups(ps))
     )
-    x, opt = _run_ours(problem, lambda ps: mechanize(torch.optim.AdamW)(groups(ps)), 20)
+    x, opt = _run_ours(problem, lambda ps: mechanize(torch.optim.AdamW, lr_invariant=False)(groups(ps)), 20)
     assert [g["lr"] for g in opt.param_groups] == [0.02, 0.005]
     for a, b in zip(x, ref_x):
         assert max_rel(a.detach(), b) < 1e-11, seed
@@ -82,7 +82,9 @@ def test_frozen_parameters_are_untouched_and_excluded(problem, seed):
     frozen = (1, 3)
     initial = problem.params()
     ref_x, _ = reference_trajectory(problem, torch.optim.Adam, dict(lr=0.01), 20, frozen=frozen)
-    x, opt = _run_ours(problem, lambda ps: mechanize(torch.optim.Adam)(ps, lr=0.01), 20, frozen=frozen)
+    x, opt = _run_ours(
+        problem, lambda ps: mechanize(torch.optim.Adam, lr_invariant=False)(ps, lr=0.01), 20, frozen=frozen
+    )
     for i in frozen:
         assert torch.equal(x[i].detach(), initial[i].detach())
         assert "mechanic_delta" not in opt.state.get(x[i], {})
@@ -177,7 +179,7 @@ def test_bases_mechanic_would_silently_break_are_refused_at_mechanize(Base):
 
 def test_lr_scheduler_drives_the_base_lr(problem):
     x = problem.params()
-    opt = mechanize(torch.optim.AdamW)(x, lr=0.1)
+    opt = mechanize(torch.optim.AdamW, lr_invariant=False)(x, lr=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
     lrs = []
     with warnings.catch_warnings():

@@ -56,9 +56,9 @@ def test_iteration_count_survives_a_checkpoint():
 
 
 def test_s_init_defaults_per_variant():
-    assert MechanicConfig().s_init == 1e-6
-    assert MechanicConfig(variant="mechanic_pytorch").s_init == 1e-8
-    assert MechanicConfig(s_init=3e-7, variant="mechanic_pytorch").s_init == 3e-7
+    assert MechanicConfig().resolved(False).s_init == 1e-6
+    assert MechanicConfig(variant="mechanic_pytorch").resolved(False).s_init == 1e-8
+    assert MechanicConfig(s_init=3e-7, variant="mechanic_pytorch").resolved(False).s_init == 3e-7
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-6)
     assert mechanize(torch.optim.SGD, variant="mechanic_pytorch")(params, lr=0.1).mechanic_scale.item() == 0.0

@@ -54,15 +54,35 @@ def _max_rel(a, b):
     return worst
 
 
+@pytest.mark.parametrize("mode", [{"lr_invariant": True}, {}], ids=["explicit", "default"])
 @pytest.mark.parametrize("base", list(BASES))
-def test_a_global_rescaling_of_the_lr_changes_nothing(base, seed):
+def test_a_global_rescaling_of_the_lr_changes_nothing(base, mode, seed):
+    """The lr-invariant mode, asked for or the default."""
     a = 1e-4
-    invariant = _max_rel(
-        _run(base, a, seed, lr_invariant=True)[0], _run(base, 1000 * a, seed, lr_invariant=True)[0]
-    )
+    invariant = _max_rel(_run(base, a, seed, **mode)[0], _run(base, 1000 * a, seed, **mode)[0])
     assert invariant <= 1e-10, (invariant, seed)
-    paper = _max_rel(_run(base, a, seed)[0], _run(base, 1000 * a, seed)[0])
+    paper = _max_rel(
+        _run(base, a, seed, lr_invariant=False)[0], _run(base, 1000 * a, seed, lr_invariant=False)[0]
+    )
     assert paper > 1e-2, (paper, seed)  # the same test, failed by the paper variant
+
+
+def test_at_adams_usual_lr_the_default_is_the_paper_variant(seed):
+    """For Adam-like bases the default's constants are the paper's at lr 1e-3: there both give the same
+    run (to the tuner's eps, which the modes measure in different units)."""
+    default = _run("adamw", 1e-3, seed)[0]
+    paper = _run("adamw", 1e-3, seed, lr_invariant=False)[0]
+    assert _max_rel(default, paper) < 1e-3
+
+
+def test_the_default_falls_back_to_the_bases_usual_lr_where_group_0s_is_0():
+    """A warmup's first lr (0) cannot be a unit: the default mode takes the base's usual lr, while an
+    explicit lr_invariant=True refuses."""
+    w = torch.nn.Parameter(torch.randn(3))
+    assert mechanize(torch.optim.SGD)([w], lr=0.0).param_groups[0]["mechanic"]["lr_ref"] == 0.1
+    assert mechanize(torch.optim.Adam)([w], lr=0.0).param_groups[0]["mechanic"]["lr_ref"] == 1e-3
+    with pytest.raises(ValueError, match="lr_invariant"):
+        mechanize(torch.optim.Adam, lr_invariant=True)([w], lr=0.0)
 
 
 def test_the_reference_lr_is_group_0s_when_made_and_survives_schedules_and_checkpoints(seed):
@@ -86,7 +106,7 @@ def test_the_reference_lr_is_group_0s_when_made_and_survives_schedules_and_check
     twin.load_state_dict(at_zero)
     assert twin.param_groups[0]["mechanic"]["lr_ref"] == 2e-3 and twin.param_groups[0]["lr"] == 0.0
     with pytest.raises(ValueError, match="lr_invariant"):
-        mechanize(torch.optim.AdamW)(
+        mechanize(torch.optim.AdamW, lr_invariant=False)(
             [torch.nn.Parameter(p.detach().clone()) for p in params]
         ).load_state_dict(saved)
 
@@ -94,10 +114,14 @@ def test_the_reference_lr_is_group_0s_when_made_and_survives_schedules_and_check
 def test_options_are_checked():
     with pytest.raises(ValueError, match="form of the paper variant"):
         mechanize(torch.optim.AdamW, lr_invariant=True, variant="mechanic_pytorch")
-    with pytest.raises(ValueError, match="lr_invariant must be a bool"):
+    with pytest.raises(ValueError, match="lr_invariant must be None or a bool"):
         mechanize(torch.optim.AdamW, lr_invariant="yes")
     cls = mechanize(torch.optim.AdamW, lr_invariant=True)
-    assert cls._mechanic_config.s_init == pytest.approx(1e-9) and cls._mechanic_config.s_decay == 10.0
+    # the paper's constants at the base's usual lr, in units of the reference lr
+    adam = cls._mechanic_config.resolved(True)
+    assert adam.s_init == pytest.approx(1e-9) and adam.s_decay == pytest.approx(10.0)
+    sgd = mechanize(torch.optim.SGD)._mechanic_config.resolved(True)
+    assert sgd.s_init == pytest.approx(1e-7) and sgd.s_decay == pytest.approx(10.0)
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
 

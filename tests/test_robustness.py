@@ -21,7 +21,8 @@ def _regression(dtype, steps, seed=0, lr=1e-3, **options):
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(dtype)
     x = torch.randn(256, 16)
     y = torch.sin(x.sum(1, keepdim=True))
-    opt = mechanize(torch.optim.AdamW, **options)(model.parameters(), lr=lr)
+    # the paper's math (its first effective lr s_init * lr moves float32 weights from the first step)
+    opt = mechanize(torch.optim.AdamW, **{"lr_invariant": False, **options})(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -121,7 +122,8 @@ def test_fused_base_under_grad_scaler_sees_unscaled_gradients():
 def test_skip_nonfinite_leaves_everything_untouched(first_step):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    opt = mechanize(torch.optim.Adam, skip_nonfinite=True)(model.parameters(), lr=0.1)
+    # the paper's math: its first effective lr (1e-7) moves float32 weights, so a taken step shows
+    opt = mechanize(torch.optim.Adam, skip_nonfinite=True, lr_invariant=False)(model.parameters(), lr=0.1)
     x = torch.randn(16, 4)
     if not first_step:
         for _ in range(3):
@@ -217,7 +219,7 @@ def test_mechanize_an_instance_in_place_keeps_its_state():
         model(x).pow(2).mean().backward()
         opt.step()
     exp_avg = opt.state[model.weight]["exp_avg"].clone()
-    same = mechanize(opt, s_decay=0.0)
+    same = mechanize(opt, s_decay=0.0, lr_invariant=False)
     assert same is opt and isinstance(opt, torch.optim.Adam)
     assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
     posts = []

@@ -134,8 +134,9 @@ def test_a_parameter_listed_twice_loads_its_own_checkpoint_and_counts_once():
     target = torch.randn(50)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about the duplicate
-        twice = mechanize(torch.optim.SGD)([w, w], lr=0.1)
-    once = mechanize(torch.optim.SGD)([v], lr=0.2)
+        # the paper's math, where S is in units of whatever lr is given: lr 0.1 twice is lr 0.2 once
+        twice = mechanize(torch.optim.SGD, lr_invariant=False)([w, w], lr=0.1)
+    once = mechanize(torch.optim.SGD, lr_invariant=False)([v], lr=0.2)
     for o, p in ((twice, w), (once, v)):
         for _ in range(20):
             p.grad = p.detach() - target
