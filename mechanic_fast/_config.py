@@ -16,13 +16,16 @@ BACKENDS = ("auto", "foreach", "triton")
 DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
 DEFAULT_S_DECAY = 0.01
 # The lr-invariant mode measures S and lambda in units of the reference lr (docs/lr_invariant.md; the
-# tuner's eps stays as it is, in the tuner's own units). Its s_init is the paper's at the base's usual
-# lr: 1e-3 for Adam-like bases, whose updates are normalised, 0.1 for SGD, whose updates are gradients.
-# Its lambda is 10 for both, the paper's 0.01 at lr 1e-3: at 1500 steps it was the best or within 0.5%
-# of the best of 10, 1, 0.1, 0 on every task for AdamW and for SGD (bench/lr_default.py).
+# tuner's eps stays as it is, in the tuner's own units). Its constants are the paper's at lr 1e-3, for
+# Adam-like bases and SGD alike: at 1500 steps lambda 10 was the best or within 0.5% of the best of 10, 1,
+# 0.1, 0 on every task for both, and SGD's s_init at its own usual lr (1e-7) did better on one task
+# and worse on another, with a worse worst case (bench/lr_default.py, docs/lr_invariant.md).
+INVARIANT_S_INIT = 1e-9
+INVARIANT_S_DECAY = 10.0
+# The base's usual lr: the lr-invariant mode's reference where group 0's lr is 0 when the tuner is made
+# (a warmup's first lr): 1e-3 for Adam-like bases, whose updates are normalised, 0.1 for SGD.
 ADAM_LIKE_LR = 1e-3
 SGD_LIKE_LR = 0.1
-INVARIANT_S_DECAY = 10.0
 
 
 def usual_lr(base: type) -> float:
@@ -47,7 +50,9 @@ class MechanicConfig:
     # lr-invariant for the paper variant; a checkpoint's mode is kept when loaded
     lr_invariant: Optional[bool] = None
     keep_workspace: Optional[bool] = None  # None: keep the step's flat buffer between steps on CPU only
-    usual_lr: float = ADAM_LIKE_LR  # the base's usual lr (`usual_lr`, set per base class by `mechanize`)
+    # the base's usual lr (`usual_lr`, set per base class by `mechanize`): the lr-invariant default's
+    # reference where group 0's lr is 0
+    usual_lr: float = ADAM_LIKE_LR
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -107,14 +112,14 @@ class MechanicConfig:
 
     def resolved(self, invariant: bool) -> MechanicConfig:
         """This config for a tuner in the given mode: `lr_invariant` set, and `s_init` and `s_decay` left
-        at None given that mode's defaults (the paper's; in the lr-invariant mode, in units of the
-        reference lr: the paper's s_init at the base's usual lr, and INVARIANT_S_DECAY)."""
-        unit = self.usual_lr if invariant else 1.0
+        at None given that mode's defaults (the variant's; in the lr-invariant mode, in units of the
+        reference lr, INVARIANT_S_INIT and INVARIANT_S_DECAY)."""
+        s_init = INVARIANT_S_INIT if invariant else DEFAULT_S_INIT[self.variant]
         s_decay = INVARIANT_S_DECAY if invariant else DEFAULT_S_DECAY
         return replace(
             self,
             lr_invariant=invariant,
-            s_init=DEFAULT_S_INIT[self.variant] * unit if self.s_init is None else self.s_init,
+            s_init=s_init if self.s_init is None else self.s_init,
             s_decay=s_decay if self.s_decay is None else self.s_decay,
         )
 

@@ -60,7 +60,10 @@ def test_s_init_defaults_per_variant():
     assert MechanicConfig(variant="mechanic_pytorch").resolved(False).s_init == 1e-8
     assert MechanicConfig(s_init=3e-7, variant="mechanic_pytorch").resolved(False).s_init == 3e-7
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-6)
+    paper = mechanize(torch.optim.SGD, lr_invariant=False)(params, lr=0.1)
+    assert paper.mechanic_scale.item() == pytest.approx(6e-6)
+    # the lr-invariant default: 6 tuners at 1e-9 of the reference lr (group 0's, 0.1)
+    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-8)
     assert mechanize(torch.optim.SGD, variant="mechanic_pytorch")(params, lr=0.1).mechanic_scale.item() == 0.0
 
 

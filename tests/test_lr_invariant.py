@@ -117,11 +117,11 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="lr_invariant must be None or a bool"):
         mechanize(torch.optim.AdamW, lr_invariant="yes")
     cls = mechanize(torch.optim.AdamW, lr_invariant=True)
-    # the paper's constants at the base's usual lr, in units of the reference lr
+    # the paper's constants at lr 1e-3, in units of the reference lr, for every base
     adam = cls._mechanic_config.resolved(True)
     assert adam.s_init == pytest.approx(1e-9) and adam.s_decay == pytest.approx(10.0)
     sgd = mechanize(torch.optim.SGD)._mechanic_config.resolved(True)
-    assert sgd.s_init == pytest.approx(1e-7) and sgd.s_decay == pytest.approx(10.0)
+    assert sgd.s_init == pytest.approx(1e-9) and sgd.s_decay == pytest.approx(10.0)
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
 
