@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from typing import Any, Dict, List
 
+import lr_invariance
 import torch
-from lr_invariance import BASES, TASKS, load_corpus
-
-from mechanic_fast import mechanize
+from lr_invariance import TASKS, load_corpus
 
 LRS = [1e-6, 1e-4, 1e-2, 1, 10]
 PLAIN_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "sgd": [1e-2, 3e-2, 1e-1, 3e-1, 1]}
@@ -70,28 +68,8 @@ ALL_TASKS = {**TASKS, "transformer": _transformer_task}
 
 
 def run(task: str, base: str, method: str, lr: float, seed: int, steps: int, **mechanic: Any) -> float:
-    """Final validation loss; a diverged run counts as its loss at init."""
-    make_model, loss_fn, evaluate = ALL_TASKS[task](seed)
-    torch.manual_seed(seed)
-    model = make_model()
-    Base, options = BASES[base]
-    if method == "plain":
-        cls = Base
-    else:
-        cls = mechanize(Base, lr_invariant=method == "invariant", **mechanic)
-    opt = cls(model.parameters(), lr=lr, **options)
-    with torch.no_grad():
-        start = evaluate(model)
-    for t in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(model, t)
-        if not torch.isfinite(loss):
-            return start
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        final = evaluate(model)
-    return final if math.isfinite(final) and final < 10 * start else start
+    """`lr_invariance.run` over these tasks."""
+    return lr_invariance.run(task, base, method, lr, seed, steps, tasks=ALL_TASKS, **mechanic)
 
 
 S_DECAYS = (10.0, 1.0, 0.1, 0.0)  # the lr-invariant mode's s_decay, in units of the reference lr

@@ -123,8 +123,12 @@ def _regress_task(seed: int):
 TASKS = {"lm": _lm_task, "classify": _classify_task, "regress": _regress_task}
 
 
-def run(task: str, base: str, method: str, lr: float, seed: int, steps: int, **mechanic) -> float:
-    make_model, loss_fn, evaluate = TASKS[task](seed)
+def run(
+    task: str, base: str, method: str, lr: float, seed: int, steps: int, tasks=TASKS, **mechanic
+) -> float:
+    """Final validation loss of one run (`tasks`: name -> task maker); a diverged run counts as its loss
+    at init."""
+    make_model, loss_fn, evaluate = tasks[task](seed)
     torch.manual_seed(seed)
     model = make_model()
     Base, options = BASES[base]
