@@ -56,7 +56,7 @@ def loss_of(pred: torch.Tensor, target: torch.Tensor, count: int) -> torch.Tenso
 
 
 def make_opt(params) -> torch.optim.Optimizer:
-    return mechanize(torch.optim.AdamW)(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return mechanize(torch.optim.AdamW, lr_invariant=False)(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
 def clean(name: str) -> str:
@@ -290,13 +290,17 @@ def _zero(rank, world, naive: bool):
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     if naive:
         opt = ZeroRedundancyOptimizer(
-            model.parameters(), optimizer_class=mechanize(torch.optim.AdamW), lr=LR, weight_decay=WEIGHT_DECAY
+            model.parameters(),
+            optimizer_class=mechanize(torch.optim.AdamW, lr_invariant=False),
+            lr=LR,
+            weight_decay=WEIGHT_DECAY,
         )
     else:  # the documented route: mechanize the ZeRO instance
         opt = mechanize(
             ZeroRedundancyOptimizer(
                 model.parameters(), optimizer_class=torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY
-            )
+            ),
+            lr_invariant=False,
         )
     return _train(model, opt, _slice(rank, world), lambda: full_params(model), 5)
 
@@ -316,7 +320,7 @@ def layout_partition(rank, world):
     model = make_model()
     owners = {name: 0 if name.startswith(("0.", "1.")) else 1 for name, _ in model.named_parameters()}
     mine = [p for name, p in model.named_parameters() if owners[name] == rank]
-    opt = mechanize(torch.optim.AdamW, partition_group=dist.group.WORLD)(
+    opt = mechanize(torch.optim.AdamW, partition_group=dist.group.WORLD, lr_invariant=False)(
         mine, lr=LR, weight_decay=WEIGHT_DECAY
     )
 

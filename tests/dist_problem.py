@@ -16,8 +16,8 @@ def make_model() -> torch.nn.Module:
 
 def make_opt(params, base: str = "adamw"):
     if base == "sgd":  # keeps no state of its own: everything in its checkpoint is Mechanic's
-        return mechanize(torch.optim.SGD)(params, lr=3e-2)
-    return mechanize(torch.optim.AdamW)(params, lr=3e-3, weight_decay=0.01)
+        return mechanize(torch.optim.SGD, lr_invariant=False)(params, lr=3e-2)
+    return mechanize(torch.optim.AdamW, lr_invariant=False)(params, lr=3e-3, weight_decay=0.01)
 
 
 def batch(t: int):
