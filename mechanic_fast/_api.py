@@ -8,26 +8,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _distributed
+from . import _distributed, _torch
 from ._config import MechanicConfig, usual_lr
 from ._instance import mechanize_instance, unwrap
 from .optimizer import Mechanic, _default_log_func
-
-# torch's `_use_grad_for_differentiable` wrapper, recognised by its code object.
-_USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
-
-
-def _unwrapped(step: Callable[..., Any]) -> Tuple[Callable[..., Any], bool]:
-    """The base's own step, resolved once per class: without torch's step-hook wrapper (ours fires
-    around the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks would
-    split a compiled mechanized step in three; we apply its grad mode ourselves (second value True)."""
-    if getattr(step, "hooked", False):
-        step = step.__wrapped__
-    if getattr(step, "__code__", None) is _USE_GRAD_CODE:
-        return step.__wrapped__, True
-    return step, False
 
 
 def is_mechanized(opt: Any) -> bool:
@@ -191,7 +176,10 @@ def mechanized_class(
     key = (Base, cfg, log_func, partition_group)
     cls = _CLASSES.get(key)
     if cls is None:
-        base_step, sets_grad_mode = _unwrapped(Base.step)
+        # the base's own step, resolved once per class: without torch's step-hook wrapper (ours fires
+        # around the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks
+        # would split a compiled mechanized step in three (we apply its grad mode ourselves)
+        base_step, sets_grad_mode = _torch.unwrapped_step(Base.step)
         cls = _CLASSES[key] = type(
             f"Mechanized{Base.__name__}",
             (Mechanic, Base),

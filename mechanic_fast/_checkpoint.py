@@ -5,13 +5,12 @@ new Mechanic state aside (`parse`), so that a refused checkpoint leaves the opti
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _distributed, _state, tuner
+from . import _distributed, _state, _torch, tuner
 from ._config import MechanicConfig
 
 
@@ -21,7 +20,7 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
     before anything changes (`parse`), torch's own loading (`torch_load`, without its hooks) takes the
     base's part, and Mechanic's tensors keep their dtypes (torch would cast x_ref to the parameter's)."""
     state_dict = state_dict.copy()
-    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+    for pre_hook in _torch.load_state_dict_hooks(opt)[0]:
         replaced = pre_hook(opt, state_dict)
         if replaced is not None:
             state_dict = replaced
@@ -31,22 +30,13 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
     if entry is None:  # a plain base checkpoint: the tuner starts afresh, at the checkpoint's lr
         saved_lr = base_sd["param_groups"][0].get("lr") if base_sd["param_groups"] else None
         entry = _state.fresh_tuner(opt.param_groups, cfg, opt._mechanic_ref_dtype, saved_lr)
-    pre_hooks, post_hooks = (
-        opt._optimizer_load_state_dict_pre_hooks,
-        opt._optimizer_load_state_dict_post_hooks,
-    )
-    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
-    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
-    try:
+    with _torch.without_load_state_dict_hooks(opt):
         torch_load(base_sd)
-    finally:
-        opt._optimizer_load_state_dict_pre_hooks = pre_hooks
-        opt._optimizer_load_state_dict_post_hooks = post_hooks
     for p, tensors in per_param.items():
         opt.state[p].update(tensors)
     opt.param_groups[0][_state.TUNER_KEY] = entry
     opt._mechanic_attach()  # host caches anew
-    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+    for post_hook in _torch.load_state_dict_hooks(opt)[1]:
         post_hook(opt)
 
 

@@ -17,12 +17,13 @@ Plain tensors (single process, DDP) give () and cost nothing.
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _torch
 
 try:
     import torch.distributed as dist
@@ -55,7 +56,7 @@ def domain(p: Tensor, fsdp1: Optional[Dict[int, Domain]] = None) -> Domain:
     if is_dtensor(p):
         mesh = p.device_mesh
         return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements) if _splits(placement))
-    if fsdp1 is not None and getattr(p, "_fsdp_flattened", False):
+    if fsdp1 is not None and _torch.is_fsdp1_flat(p):
         return fsdp1.get(id(p), ())
     return ()
 
@@ -65,18 +66,14 @@ def fsdp1_domains(params: Sequence[Tensor]) -> Optional[Dict[int, Domain]]:
 
     A flat parameter does not point to the handle that knows its process group, so the handles are
     found among live objects once per layout (parameters that come or go make a new layout)."""
-    if not any(getattr(p, "_fsdp_flattened", False) for p in params):
-        return None
-    flat_param = sys.modules.get("torch.distributed.fsdp._flat_param")
-    if flat_param is None:
+    if not any(_torch.is_fsdp1_flat(p) for p in params):
         return None
     out: Dict[int, Domain] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, flat_param.FlatParamHandle):
-            group = (obj.process_group,) if obj.uses_sharded_strategy else ()
-            out[id(obj.flat_param)] = group
-            for view in getattr(obj.flat_param, "_params", None) or ():  # use_orig_params=True
-                out[id(view)] = group
+    for handle in _torch.fsdp1_handles():
+        group = (handle.process_group,) if handle.uses_sharded_strategy else ()
+        out[id(handle.flat_param)] = group
+        for view in _torch.fsdp1_views(handle):
+            out[id(view)] = group
     return out
 
 

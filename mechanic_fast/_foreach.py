@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _torch
+
 
 class FlatCopy:
     """A copy of a list of tensors in one flat buffer (the x_t copy of a step)."""
@@ -116,11 +118,9 @@ def flat_clones(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
 
 def gather(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """A 1-D tensor holding the elements of `tensors` in order, new or written into `out` (one op;
-    `_chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones)."""
+    `_torch.chunk_cat` takes no 0-d tensor, so those are viewed as 1-element ones)."""
     parts = [t if t.dim() else t.view(1) for t in tensors]
-    if out is None:
-        return torch._chunk_cat(parts, 0, 1).view(-1)
-    return torch._chunk_cat(parts, 0, 1, out=out.view(1, -1)).view(-1)
+    return _torch.chunk_cat(parts, None if out is None else out.view(1, -1)).view(-1)
 
 
 def flat_view(tensors: TensorsOrCopy) -> Optional[Tensor]:

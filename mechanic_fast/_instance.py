@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
-from . import _checkpoint, _distributed, _state
+from . import _checkpoint, _distributed, _state, _torch
 from ._config import MechanicConfig, usual_lr
 from .optimizer import check_group
 
@@ -25,10 +25,10 @@ def _flag_step_called(opt: torch.optim.Optimizer) -> None:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         inner = opt_ref()
-        inner._opt_called = True  # type: ignore[union-attr]
+        _torch.record_step_called(inner)
         return func.__get__(inner, type(inner))(*args, **kwargs)
 
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    setattr(wrapper, _torch.LR_SCHEDULER_WRAPPED, True)
     opt.step = wrapper  # type: ignore[method-assign]
 
 
@@ -88,7 +88,7 @@ def mechanize_instance(
     for group in opt.param_groups:
         check_group(cfg, group)
     instance_step = vars(opt).get("step")
-    lr_sched_wrapper = getattr(instance_step, "_wrapped_by_lr_sched", False)
+    lr_sched_wrapper = getattr(instance_step, _torch.LR_SCHEDULER_WRAPPED, False)
     if instance_step is not None and not lr_sched_wrapper:
         bound_self = getattr(instance_step, "__self__", None)
         if bound_self is not opt or getattr(instance_step, "__func__", None) is not type(opt).step:
@@ -109,7 +109,7 @@ def mechanize_instance(
     if partition_group is not None:
         opt._mechanic_partition_group = _distributed.GroupRef(partition_group)  # type: ignore[attr-defined]
     opt._mechanic_attach()  # type: ignore[attr-defined]
-    opt._patch_step_function()  # so step hooks wrap the mechanized step
+    _torch.patch_step_function(opt)  # so step hooks wrap the mechanized step
     if lr_sched_wrapper:  # torch's LR schedulers only record that the step ran: keep doing that
         _flag_step_called(opt)
     return wrapper

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _distributed, _foreach, _state, tuner
+from . import _distributed, _foreach, _state, _torch, tuner
 from ._config import MechanicConfig
 
 
@@ -70,7 +70,7 @@ def acc_dtype(groups: List[Group], tuner_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-@torch._dynamo.disable  # traced in one frame with the base step, dynamo would drop the new state
+@_torch.eager  # traced in one frame with the base step, dynamo would drop the new state
 def commit(state: Dict[Tensor, Dict[str, Any]], refs: Refs) -> None:
     """Put new per-parameter state in place, after the base step: torch's optimizers create their own
     state only while a parameter's state is empty."""

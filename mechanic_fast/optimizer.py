@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checkpoint, _distributed, _layout, _state, tuner
+from . import _checkpoint, _distributed, _layout, _state, _torch, tuner
 from ._config import MechanicConfig
 from .functional import mechanic_sums, mechanic_update, select_impl
 
@@ -62,8 +62,7 @@ class Mechanic(torch.optim.Optimizer):
         host caches, never saved or copied. Not the tuner: torch's `load_state_dict` unpickles through
         here before Mechanic's part of the checkpoint is in place."""
         self.__dict__.setdefault("mechanic_skipped_steps", 0)  # steps skipped by skip_nonfinite
-        # GradScaler must unscale gradients before the inner products read them: no fused unscaling
-        self._step_supports_amp_scaling = False
+        _torch.no_fused_amp_unscaling(self)  # GradScaler unscales before the inner products read them
         self._mechanic_layout = _layout.StepLayout()
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
@@ -191,7 +190,7 @@ class Mechanic(torch.optim.Optimizer):
                 return self._mechanic_base_step_fn(self, *args)
         return self._mechanic_base_step_fn(self, *args)
 
-    @torch._dynamo.disable
+    @_torch.eager
     def _mechanic_eager_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """The step run eagerly (the closure, if any, was evaluated already: its loss is handed back)."""
         if closure is None:
@@ -199,7 +198,7 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_step(evaluated_once(closure, loss))
         return loss
 
-    @torch._dynamo.disable
+    @_torch.eager
     def _mechanic_log(self, entry: Dict[str, Any]) -> None:
         """Logging steps are the only ones that read a value on the host; steps are counted on the host
         only when logging is on (a host counter in compiled code would be guarded on and recompiled)."""
@@ -209,7 +208,7 @@ class Mechanic(torch.optim.Optimizer):
         if self._mechanic_log_count % self._mechanic_config.log_every == 0:
             self._mechanic_log_func({"iter_count": self._mechanic_log_count, "s": entry["s"].sum().item()})
 
-    @torch._dynamo.disable  # run eagerly: a compiled step would not replay the counter's increment
+    @_torch.eager  # run eagerly: a compiled step would not replay the counter's increment
     def _mechanic_skips(self, sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
         """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step), counted
         in `mechanic_skipped_steps`. Non-finite gradients make the sums non-finite; finite ones that
