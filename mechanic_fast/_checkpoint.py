@@ -29,7 +29,7 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
     base_sd, per_param, entry = parse(opt, cfg, state_dict, opt._mechanic_ref_dtype, torch_base)
     if entry is None:  # a plain base checkpoint: the tuner starts afresh, at the checkpoint's lr
         saved_lr = base_sd["param_groups"][0].get("lr") if base_sd["param_groups"] else None
-        entry = _state.fresh_tuner(opt.param_groups, cfg, opt._mechanic_ref_dtype, saved_lr)
+        entry = _state.fresh_tuner(opt.param_groups, cfg, saved_lr)
     with _torch.without_load_state_dict_hooks(opt):
         torch_load(base_sd)
     for p, tensors in per_param.items():
@@ -47,7 +47,7 @@ def adopt(
     per-parameter state it holds already (a mechanized checkpoint loaded into the plain optimizer),
     checked against `cfg` as a load checks a checkpoint, or a fresh tuner. Changes nothing of `opt`."""
     holds = _state.TUNER_KEY in opt.param_groups[0] or any(
-        isinstance(s, dict) and (_state.X_REF in s or _state.DELTA in s) for s in opt.state.values()
+        isinstance(s, dict) and _state.has_state(s) for s in opt.state.values()
     )
     per_param: Dict[Tensor, Dict[str, Tensor]] = {}
     entry = None
@@ -55,7 +55,7 @@ def adopt(
         torch_base = type(opt).__module__.startswith("torch.optim")
         _, per_param, entry = parse(opt, cfg, opt.state_dict(), dtype_of, torch_base)
     if entry is None:
-        entry = _state.fresh_tuner(opt.param_groups, cfg, dtype_of, opt.param_groups[0].get("lr"))
+        entry = _state.fresh_tuner(opt.param_groups, cfg, opt.param_groups[0].get("lr"))
     return entry, per_param
 
 

@@ -94,7 +94,7 @@ class MechanicConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
-    def with_store_delta(self, dtypes: Iterable[torch.dtype]) -> MechanicConfig:
+    def with_store_delta(self) -> MechanicConfig:
         """This config with `store_delta` decided (None: True, for parameters of every dtype).
 
         Recomputing Delta as (x - x_ref) / S loses it while S * Delta is below half an ulp of x: x then

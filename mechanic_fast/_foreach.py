@@ -1,12 +1,12 @@
 """Mechanic's O(d) work in eager mode with multi-tensor torch ops, on any device (`functional` picks it).
 
 Where a multi-tensor op is a loop over tensors (on CPU), passes over one flat buffer are cheaper: a step
-gathers g and x_t into a flat workspace with one `torch._chunk_cat` (the x_t copy is its second row),
-takes the inner products with BLAS on the flat rows, and forms the update in the x_t row:
-w = x_t - x_base (one multi-tensor op), Delta += -w and x_t <- x_ref + S * Delta
-on flat buffers, copied back with one `torch._foreach_copy_`. Lists that already tile one flat buffer in
-order (x_ref and Delta, which the optimizer allocates that way) are used in place, without a gather. So
-the number of dispatched ops is constant in the number of tensors.
+gathers g into one weight-sized buffer with one `_torch.chunk_cat` and takes its inner products with
+BLAS, then gathers x_t into the same buffer (the step's x_t copy), and forms the update there:
+w = x_t - x_base (one multi-tensor op), Delta += -w, and the correction to x_base (Delta alone) or
+x_ref + S * Delta (x_ref kept), added or copied back with one multi-tensor op. Lists that already tile
+one flat buffer in order (x_ref and Delta, which the optimizer allocates that way) are used in place,
+without a gather. So the number of dispatched ops is constant in the number of tensors.
 
 With `per_tensor=True` (few large tensors, where per-tensor dispatch is negligible and every pass
 counts) the gradients are reduced where they are (no gather) and x_ref + S * Delta is written straight
@@ -43,8 +43,9 @@ class FlatCopy:
 
 class Workspace:
     """Flat buffers reused from step to step, by name (fresh ones would be page-faulted in at every step
-    on CPU): g and x_t side by side ("g_x", the g row then scratch for the update), or x_t alone ("x_t")
-    and update scratch ("update"); a small scratch for the sums of bfloat16/float16 ("acc_scratch")."""
+    on CPU): the gathered g, then x_t ("flat"); with Delta recomputed, g and x_t side by side ("g_x", the
+    g row then scratch for the update); a small scratch for the sums of bfloat16/float16
+    ("acc_scratch")."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}

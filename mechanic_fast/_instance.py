@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import weakref
@@ -12,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from . import _checkpoint, _distributed, _state, _torch
-from ._config import MechanicConfig, usual_lr
+from ._config import MechanicConfig
 from .optimizer import check_group
 
 
@@ -97,10 +96,12 @@ def mechanize_instance(
                 "keep running the plain optimizer. Mechanize the optimizer before wrapping its step "
                 "(e.g. before a framework's prepare/setup)"
             )
-    # Mechanic's state, checked and made before anything changes: a refusal leaves `opt` as it was
-    cfg = dataclasses.replace(cfg, usual_lr=usual_lr(type(opt)))
+    # Mechanic's state, checked and made before anything changes: a refusal leaves `opt` as it was (the
+    # class is made aside, with the config it settles for this base)
+    cls = mechanized_class(type(opt), cfg, log_func)
+    cfg = cls._mechanic_config
     entry, per_param = _checkpoint.adopt(opt, cfg, functools.partial(_state.ref_dtype, cfg))
-    opt.__class__ = mechanized_class(type(opt), cfg, log_func)
+    opt.__class__ = cls
     for p, tensors in per_param.items():
         opt.state[p].update(tensors)
     opt.param_groups[0][_state.TUNER_KEY] = entry

@@ -4,8 +4,8 @@ Layout (everything lives where torch's own machinery already carries optimizer s
 `state_dict`/`load_state_dict`, `torch.distributed.checkpoint` (DCP), deepcopy, pickling and state-dict
 hooks handle it with no special case):
 
-- ``state[p]["mechanic_x_ref"]``: x_ref (x_0 in the paper), and where Delta is stored (by default
-  unless every x_ref is float64; see `MechanicConfig.with_store_delta`) ``state[p]["mechanic_delta"]``.
+- ``state[p]["mechanic_delta"]``: Delta, by default (`MechanicConfig.with_store_delta`), and
+  ``state[p]["mechanic_x_ref"]``: x_ref (x_0 in the paper) where it is kept (`keeps_x_ref`).
   Per-parameter like ``exp_avg``, with the parameter's shape and, under FSDP2, its DTensor layout (so
   DCP saves them sharded and reshards them on load). Tensors of one device and dtype are views tiling
   one flat buffer, which the foreach backend reads without a gather. Prefixed names: a base
@@ -35,8 +35,8 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
-MECHANIC_PYTORCH_KEY = "_mechanic"
-LOW_PRECISION = (torch.float16, torch.bfloat16)  # mechanic-pytorch keeps its state under this `state` key
+MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # per-parameter state of torch.optim optimizers that always has the parameter's shape
 TORCH_PARAM_SHAPED_STATE = frozenset(
@@ -154,36 +154,28 @@ def ref_dtype(cfg: MechanicConfig, p: Tensor) -> torch.dtype:
     return torch.float32 if cfg.ref_dtype == "float32" and p.dtype in LOW_PRECISION else p.dtype
 
 
-def fresh_tuner(
-    param_groups: List[Dict[str, Any]],
-    cfg: MechanicConfig,
-    dtype_of: Callable[[Tensor], torch.dtype],
-    lr: Any,
-) -> Dict[str, Any]:
+def fresh_tuner(param_groups: List[Dict[str, Any]], cfg: MechanicConfig, lr: Any) -> Dict[str, Any]:
     """A tuner entry in its initial state for these parameters (not installed), `lr` its reference lr
     with lr_invariant: made before anything changes, so that a refusal leaves the optimizer as it was."""
     params = [p for g in param_groups for p in g["params"]]
     device = params[0].device if params else torch.device("cpu")
     # the default mode falls back to the base's usual lr where group 0's is 0; lr_invariant=True refuses
     fallback = cfg.usual_lr if cfg.lr_invariant is None else None
-    cfg = cfg.with_store_delta({dtype_of(p) for p in params}).resolved(cfg.invariant_by_default)
+    cfg = cfg.with_store_delta().resolved(cfg.invariant_by_default)
     return new_tuner(cfg, device, tuner.state_dtype(cfg, {p.dtype for p in params}), lr, fallback)
 
 
-def tuner_entry(
-    param_groups: List[Dict[str, Any]], cfg: MechanicConfig, dtype_of: Callable[[Tensor], torch.dtype]
-) -> Dict[str, Any]:
+def tuner_entry(param_groups: List[Dict[str, Any]], cfg: MechanicConfig) -> Dict[str, Any]:
     """The tuner in param_groups[0], created in its initial state where it is missing (a new optimizer)
     and moved to where the parameters are."""
     group = param_groups[0]
     entry = group.get(TUNER_KEY)
     if entry is None:
-        entry = group[TUNER_KEY] = fresh_tuner(param_groups, cfg, dtype_of, group.get("lr"))
+        entry = group[TUNER_KEY] = fresh_tuner(param_groups, cfg, group.get("lr"))
         return entry
-    first = next((g["params"][0] for g in param_groups if g["params"]), None)  # per step: no list of all
-    if (
-        first is not None and entry["s"].device != first.device
-    ):  # the model moved after the optimizer was made
+    # the model moved after the optimizer was made (the first parameter: no list of all, per step)
+    first = next((g["params"][0] for g in param_groups if g["params"]), None)
+    if first is not None and entry["s"].device != first.device:
         for name in (*tuner.TunerState._fields, "step"):
             entry[name] = entry[name].to(first.device)
     return entry

@@ -93,7 +93,7 @@ class Mechanic(torch.optim.Optimizer):
 
     def _mechanic_tuner(self) -> Dict[str, Any]:
         """The tuner entry in param_groups[0], made where missing, on the parameters' device."""
-        return _state.tuner_entry(self.param_groups, self._mechanic_config, self._mechanic_ref_dtype)
+        return _state.tuner_entry(self.param_groups, self._mechanic_config)
 
     @property
     def mechanic_scale(self) -> Tensor:
