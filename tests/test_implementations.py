@@ -181,9 +181,11 @@ def test_every_implementation_rounds_the_update_alike(dtype, delta_layout, seed)
                 torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
         elif name == "triton" and not _interpreted_fma_is_fused():
             # some Triton interpreters round tl.fma's product before the sum (GPUs fuse it): within one
-            # rounding of the others there
+            # rounding of the others there, of the operands (randn, a few units) where a result near 0
+            # cancels them
+            eps = torch.finfo(dtype).eps
             for a, b in pairs:
-                torch.testing.assert_close(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0)
+                torch.testing.assert_close(a, b, rtol=4 * eps, atol=8 * eps)
         else:
             assert all(torch.equal(a, b) for a, b in pairs), name
 
