@@ -247,10 +247,12 @@ def _g_sums(
     return dot, torch.stack([torch.dot(a, a) for a in parts]).sum()
 
 
-# Elements per chunk where the sums convert to the accumulation dtype on CPU: a scratch that stays in
-# cache, where whole-row float32 copies would be fresh memory, page-faulted in at every step. On an
-# accelerator one chunk: its caching allocator hands the same blocks back, and a loop would cost launches.
+# Elements per chunk where the sums convert to the accumulation dtype. CPU: a scratch that stays in
+# cache, where whole-row float32 copies would be fresh memory, page-faulted in at every step. An
+# accelerator: large chunks (few launches), so that the float32 scratch is not a transient of twice the
+# weights' size beside a bfloat16 model (64 MiB per row).
 SUM_CHUNK = 1 << 18
+SUM_CHUNK_ACCELERATOR = 1 << 24
 
 
 def _row_sums(
@@ -260,8 +262,8 @@ def _row_sums(
 
     In `acc_dtype` already, BLAS reads each row once: one mv for the dots with `d`, one dot per squared
     norm (the Gram matrix by mm would compute the cross term twice). Otherwise (bfloat16
-    or float16 parameters) chunks are converted into a small scratch buffer and reduced there (on CPU;
-    elsewhere the whole rows at once, see SUM_CHUNK)."""
+    or float16 parameters) chunks are converted into a scratch buffer and reduced there (see SUM_CHUNK;
+    the scratch is kept in the workspace on CPU, fresh elsewhere)."""
     if rows.dtype == acc_dtype and d.dtype == acc_dtype:
         if rows.dim() == 1:
             return [torch.dot(rows, d)], [torch.dot(rows, rows)]
@@ -269,7 +271,7 @@ def _row_sums(
     rows = rows.view(1, -1) if rows.dim() == 1 else rows
     k, n = rows.shape
     on_cpu = rows.device.type == "cpu"
-    width = min(n, SUM_CHUNK) if on_cpu else n
+    width = min(n, SUM_CHUNK if on_cpu else SUM_CHUNK_ACCELERATOR)
     scratch = workspace_buffer(workspace, "acc_scratch", (k + 1, width), rows, acc_dtype) if on_cpu else None
     if scratch is None:
         scratch = rows.new_empty((k + 1, width), dtype=acc_dtype)

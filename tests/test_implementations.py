@@ -223,8 +223,8 @@ def test_flat_sums_converted_in_chunks_match_float64(
     monkeypatch, with_workspace, chunk, dtype, delta_dtype, acc, seed
 ):
     """Parameters below the accumulation dtype are converted chunk by chunk (16 elements: 30 chunks, the
-    last one partial); sums in `acc` as if converted whole. (An accelerator converts in one chunk of
-    fresh memory: the cases of one chunk without a workspace.)"""
+    last one partial); sums in `acc` as if converted whole. (An accelerator converts in larger chunks of
+    fresh memory: the cases without a workspace.)"""
     monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
     x, g, _, delta = _inputs(dtype, seed, non_contiguous=True)
     delta = _tiled([t.to(delta_dtype) for t in delta])

@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from mechanic_fast import functional, mechanize
+from mechanic_fast import _foreach, functional, mechanize
 from mechanic_fast import optimizer as optimizer_module
 
 SHAPES = [(256, 128)] * 6 + [(128,), (1,)]
@@ -108,3 +108,47 @@ def test_memory_in_a_step_is_at_most_two_weight_copies(monkeypatch, options):
     _steps(gen, params, opt, 3)
     assert len(seen) == 3
     assert max(seen) <= 2 * weights + 4096, [s / weights for s in seen]
+
+
+def _step_peak_bytes(step) -> int:
+    """The highest total of bytes allocated during `step()` beyond what was allocated before it, from the
+    profiler's record of every allocation and free in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert events, "the profiler recorded no allocation"
+    total = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        total += event.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options", [{"keep_workspace": False}, {}, {"store_delta": False, "keep_workspace": False}],
+    ids=["accelerator-default", "cpu-default", "x_ref"],
+)  # fmt: skip
+def test_a_step_allocates_at_most_one_weight_copy_beyond_the_base(monkeypatch, dtype, options):
+    """Over the whole step, every transient counted: the mechanized step's allocation peak is the base
+    step's plus the x_t copy (plus, for x_ref alone, the recomputed Delta), plus the bounded scratch in
+    which bfloat16 sums are formed in float32: never a float32 copy of the weights."""
+    if dtype == torch.bfloat16 and options.get("store_delta") is False:
+        pytest.skip("bfloat16 parameters always store Delta")
+    chunk = 1024  # the scratch's row length, so that a whole-row conversion would show
+    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
+    monkeypatch.setattr(_foreach, "SUM_CHUNK_ACCELERATOR", chunk)
+    peaks = []
+    for wrap in (lambda cls: cls, lambda cls: mechanize(cls, **options)):
+        gen, params, _, weights = _setup(dtype)
+        opt = wrap(torch.optim.AdamW)(params, lr=1e-3, foreach=True)
+        _steps(gen, params, opt, 2)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        peaks.append(_step_peak_bytes(opt.step))
+    base, mechanized = peaks
+    copies = 2 if options.get("store_delta") is False else 1
+    scratch = 2 * chunk * 4  # a gathered row and Delta, converted to float32
+    assert mechanized <= base + copies * weights + scratch + 65536, (base / weights, mechanized / weights)
