@@ -11,7 +11,7 @@ without a gather. So the number of dispatched ops is constant in the number of t
 With `per_tensor=True` (few large tensors, where per-tensor dispatch is negligible and every pass
 counts) the gradients are reduced where they are (no gather) and x_ref + S * Delta is written straight
 into each parameter (no copy back). bfloat16/float16 values are converted for the sums chunk by chunk
-in a small kept buffer (`_row_sums`).
+in a small kept buffer (`_converted_sums`).
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def inner_products(
     The direction is ``d - d_ref`` (``d`` alone when ``d_ref`` is None), formed elementwise so that a
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
     ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call. With
-    ``per_tensor``, gradients already in ``acc_dtype`` are reduced tensor by tensor where they are.
+    ``per_tensor``, the gradients are reduced tensor by tensor where they are: by BLAS in ``acc_dtype``,
+    else converted chunk by chunk together with x (Delta stored), so each is converted once.
 
     With Delta stored (``d_ref`` None) one weight-sized buffer serves both gathers: the gradients for
     their sums, then the x_t copy, so the step's peak is Delta and that buffer. With ``d`` = x and
@@ -183,10 +184,12 @@ def inner_products(
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     d_first = d.flat if isinstance(d, FlatCopy) else d[0]
     g_scattered = g is not None and flat_view(g) is None  # else flat(g) is a view, not a gather
-    # few large gradients already in acc_dtype: BLAS dots where they are (a gather would write them once
-    # more only for BLAS to read them)
-    g_in_place = g_scattered and g[0].dtype == acc_dtype == d_first.dtype and per_tensor
-    gather_g = g_scattered and not g_in_place
+    # few large gradients: reduced where they are (a gather would write them once more only to be read):
+    # by BLAS in acc_dtype, else converted chunk by chunk beside x, so that Delta is converted once
+    in_acc = g_scattered and g[0].dtype == acc_dtype == d_first.dtype
+    g_in_place = g_scattered and per_tensor and in_acc
+    g_converted = g_scattered and per_tensor and not in_acc and d_ref is None
+    gather_g = g_scattered and not (g_in_place or g_converted)
     shares = gather_g and need_x and g[0].dtype == x[0].dtype  # one buffer (or matrix) for g and x
     sums: List[Optional[Tensor]] = [None] * 4
     x_flat = None
@@ -196,7 +199,13 @@ def inner_products(
         if shares or (need_x and copy_x):
             buffer = workspace_buffer(workspace, "flat", (numel,), x[0])
             buffer = x[0].new_empty(numel) if buffer is None else buffer
-        if g is not None:
+        if g_converted:
+            rows = [g, x] if need_x and x_sums else [g]
+            dots, norms = _converted_sums(_segments(rows, d_flat), len(rows), acc_dtype, workspace)
+            sums[0::2] = dots[0], norms[0]
+            if len(rows) == 2:
+                sums[1::2] = dots[1], norms[1]
+        elif g is not None:
             g_flat = gather(g, buffer if shares else None) if gather_g else None
             sums[0], sums[2] = _g_sums(g, g_flat, d_flat, acc_dtype, workspace)
             del g_flat  # freed before x is gathered
@@ -261,30 +270,57 @@ def _row_sums(
     """``<r, d>`` and ``||r||^2`` (`acc_dtype`) for each row r of `rows` ((k, n), or 1-D for one row).
 
     In `acc_dtype` already, BLAS reads each row once: one mv for the dots with `d`, one dot per squared
-    norm (the Gram matrix by mm would compute the cross term twice). Otherwise (bfloat16
-    or float16 parameters) chunks are converted into a scratch buffer and reduced there (see SUM_CHUNK;
-    the scratch is kept in the workspace on CPU, fresh elsewhere)."""
+    norm (the Gram matrix by mm would compute the cross term twice). Otherwise (bfloat16 or float16
+    parameters) they are converted chunk by chunk (`_converted_sums`)."""
     if rows.dtype == acc_dtype and d.dtype == acc_dtype:
         if rows.dim() == 1:
             return [torch.dot(rows, d)], [torch.dot(rows, rows)]
         return torch.mv(rows, d).unbind(), [torch.dot(r, r) for r in rows.unbind()]
     rows = rows.view(1, -1) if rows.dim() == 1 else rows
-    k, n = rows.shape
-    on_cpu = rows.device.type == "cpu"
-    width = min(n, SUM_CHUNK if on_cpu else SUM_CHUNK_ACCELERATOR)
-    scratch = workspace_buffer(workspace, "acc_scratch", (k + 1, width), rows, acc_dtype) if on_cpu else None
+    return _converted_sums([(rows.unbind(), d)], rows.shape[0], acc_dtype, workspace)
+
+
+def _segments(rows: Sequence[Sequence[Tensor]], d: Tensor) -> List[Tuple[List[Tensor], Tensor]]:
+    """Tensor by tensor, the flat elements of each of the aligned lists `rows` and the slice of the flat
+    `d` they align with."""
+    out, offset = [], 0
+    for parts in zip(*rows):
+        n = parts[0].numel()
+        out.append(([t.reshape(-1) for t in parts], d[offset : offset + n]))
+        offset += n
+    return out
+
+
+def _converted_sums(
+    segments: Sequence[Tuple[Sequence[Tensor], Tensor]],
+    k: int,
+    acc_dtype: torch.dtype,
+    workspace: Optional[Workspace],
+) -> Tuple[Sequence[Tensor], Sequence[Tensor]]:
+    """``<r, d>`` and ``||r||^2`` in `acc_dtype` for k rows given as segments (k 1-D parts and the part
+    of d they align with): chunks of each segment are converted into one scratch buffer, d's once for
+    all k rows, and reduced there (SUM_CHUNK; the scratch is kept in the workspace on CPU, fresh
+    elsewhere), so the sums never hold a converted copy of the weights."""
+    d_first = segments[0][1]
+    on_cpu = d_first.device.type == "cpu"
+    longest = max(d.numel() for _, d in segments)
+    width = max(1, min(longest, SUM_CHUNK if on_cpu else SUM_CHUNK_ACCELERATOR))
+    shape = (k + 1, width)
+    scratch = workspace_buffer(workspace, "acc_scratch", shape, d_first, acc_dtype) if on_cpu else None
     if scratch is None:
-        scratch = rows.new_empty((k + 1, width), dtype=acc_dtype)
+        scratch = d_first.new_empty(shape, dtype=acc_dtype)
     dots = scratch.new_zeros(k)
     norms = scratch.new_zeros(k)
-    for start in range(0, n, width):
-        end = min(start + width, n)
-        part = scratch[:, : end - start]
-        part[:k].copy_(rows[:, start:end])
-        part[k].copy_(d[start:end])
-        dots.addmv_(part[:k], part[k])
-        for i in range(k):
-            norms[i].add_(torch.dot(part[i], part[i]))
+    for parts, d in segments:
+        for start in range(0, d.numel(), width):
+            end = min(start + width, d.numel())
+            part = scratch[:, : end - start]
+            for i, row in enumerate(parts):
+                part[i].copy_(row[start:end])
+            part[k].copy_(d[start:end])
+            dots.addmv_(part[:k], part[k])
+            for i in range(k):
+                norms[i].add_(torch.dot(part[i], part[i]))
     return dots.unbind(), norms.unbind()
 
 
