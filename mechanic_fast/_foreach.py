@@ -16,7 +16,8 @@ in a small kept buffer (`_converted_sums`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import itertools
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -171,8 +172,8 @@ def inner_products(
     The direction is ``d - d_ref`` (``d`` alone when ``d_ref`` is None), formed elementwise so that a
     small displacement from x_ref keeps its precision. Sums of an absent ``g`` (or of ``x`` when
     ``x_sums`` is False) are zero. ``d`` may be a `FlatCopy` returned by an earlier call. With
-    ``per_tensor``, the gradients are reduced tensor by tensor where they are: by BLAS in ``acc_dtype``,
-    else converted chunk by chunk together with x (Delta stored), so each is converted once.
+    ``per_tensor``, gradients in ``acc_dtype`` are reduced tensor by tensor where they are. Below
+    ``acc_dtype`` with Delta stored, g and x are converted chunk by chunk beside Delta (each once).
 
     With Delta stored (``d_ref`` None) one weight-sized buffer serves both gathers: the gradients for
     their sums, then the x_t copy, so the step's peak is Delta and that buffer. With ``d`` = x and
@@ -188,7 +189,9 @@ def inner_products(
     # by BLAS in acc_dtype, else converted chunk by chunk beside x, so that Delta is converted once
     in_acc = g_scattered and g[0].dtype == acc_dtype == d_first.dtype
     g_in_place = g_scattered and per_tensor and in_acc
-    g_converted = g_scattered and per_tensor and not in_acc and d_ref is None
+    # below acc_dtype with Delta stored: g (and x) converted chunk by chunk beside Delta, so that each
+    # is converted once, gathered a chunk of tensors at a time (long tensors read where they are)
+    g_converted = g_scattered and not in_acc and d_ref is None
     gather_g = g_scattered and not (g_in_place or g_converted)
     shares = gather_g and need_x and g[0].dtype == x[0].dtype  # one buffer (or matrix) for g and x
     sums: List[Optional[Tensor]] = [None] * 4
@@ -200,16 +203,20 @@ def inner_products(
             buffer = workspace_buffer(workspace, "flat", (numel,), x[0])
             buffer = x[0].new_empty(numel) if buffer is None else buffer
         if g_converted:
+            # x_t is copied into the buffer group by group, where its sums read it
             rows = [g, x] if need_x and x_sums else [g]
-            dots, norms = _converted_sums(_segments(rows, d_flat), len(rows), acc_dtype, workspace)
+            segments, longest = _grouped_segments(rows, d_flat, buffer, workspace)
+            dots, norms = _converted_sums(segments, len(rows), acc_dtype, workspace, longest)
             sums[0::2] = dots[0], norms[0]
             if len(rows) == 2:
                 sums[1::2] = dots[1], norms[1]
+                x_flat = buffer
         elif g is not None:
             g_flat = gather(g, buffer if shares else None) if gather_g else None
             sums[0], sums[2] = _g_sums(g, g_flat, d_flat, acc_dtype, workspace)
             del g_flat  # freed before x is gathered
-        if need_x:  # the x_t copy overwrites the gathered gradients (their sums are taken)
+        if x is not None and x_flat is None and (copy_x or (x_sums and sums[1] is None)):
+            # the x_t copy overwrites the gathered gradients (their sums are taken)
             x_flat = gather(x, buffer)
     else:
         both = None
@@ -277,41 +284,79 @@ def _row_sums(
             return [torch.dot(rows, d)], [torch.dot(rows, rows)]
         return torch.mv(rows, d).unbind(), [torch.dot(r, r) for r in rows.unbind()]
     rows = rows.view(1, -1) if rows.dim() == 1 else rows
-    return _converted_sums([(rows.unbind(), d)], rows.shape[0], acc_dtype, workspace)
+    return _converted_sums([(rows.unbind(), d)], rows.shape[0], acc_dtype, workspace, rows.shape[1])
 
 
-def _segments(rows: Sequence[Sequence[Tensor]], d: Tensor) -> List[Tuple[List[Tensor], Tensor]]:
-    """Tensor by tensor, the flat elements of each of the aligned lists `rows` and the slice of the flat
-    `d` they align with."""
-    out, offset = [], 0
-    for parts in zip(*rows):
-        n = parts[0].numel()
-        out.append(([t.reshape(-1) for t in parts], d[offset : offset + n]))
-        offset += n
-    return out
+def _sum_chunk(device: torch.device) -> int:
+    return SUM_CHUNK if device.type == "cpu" else SUM_CHUNK_ACCELERATOR
+
+
+def _grouped_segments(
+    rows: Sequence[Sequence[Tensor]],
+    d: Tensor,
+    x_out: Optional[Tensor],
+    workspace: Optional[Workspace],
+) -> Tuple[Iterator[Tuple[List[Tensor], Tensor]], int]:
+    """Segments for `_converted_sums` over many tensors, and the longest one's length: consecutive
+    tensors in groups of at most a chunk, each list gathered group by group into a chunk-sized scratch
+    (a tensor longer than a chunk is a group of its own, read where it is). With `x_out`, the second
+    list (x) is gathered into its slice of `x_out` instead, which then holds the x_t copy."""
+    width = _sum_chunk(d.device)
+    groups: List[Tuple[int, int, int, int]] = []  # (first tensor, end, offset, elements)
+    first = offset = size = 0
+    for i, t in enumerate(rows[0]):
+        if size and size + t.numel() > width:
+            groups.append((first, i, offset, size))
+            first, offset, size = i, offset + size, 0
+        size += t.numel()
+    groups.append((first, len(rows[0]), offset, size))
+    longest = max(group[3] for group in groups)
+    on_cpu = d.device.type == "cpu"
+    scratches = []
+    for row, tensors in enumerate(rows):
+        shape = (min(longest, width),)
+        scratch = workspace_buffer(workspace, f"gather_scratch_{row}", shape, tensors[0]) if on_cpu else None
+        scratches.append(tensors[0].new_empty(shape) if scratch is None else scratch)
+
+    def segments() -> Iterator[Tuple[List[Tensor], Tensor]]:
+        for first, end, offset, size in groups:
+            parts = []
+            for row, tensors in enumerate(rows):
+                if row == 1 and x_out is not None:
+                    parts.append(gather(tensors[first:end], x_out[offset : offset + size]))
+                elif size > width:  # one long tensor
+                    parts.append(tensors[first].reshape(-1))
+                else:
+                    parts.append(gather(tensors[first:end], scratches[row][:size]))
+            yield parts, d[offset : offset + size]
+
+    return segments(), longest
 
 
 def _converted_sums(
-    segments: Sequence[Tuple[Sequence[Tensor], Tensor]],
+    segments: Iterable[Tuple[Sequence[Tensor], Tensor]],
     k: int,
     acc_dtype: torch.dtype,
     workspace: Optional[Workspace],
+    longest: int,
 ) -> Tuple[Sequence[Tensor], Sequence[Tensor]]:
     """``<r, d>`` and ``||r||^2`` in `acc_dtype` for k rows given as segments (k 1-D parts and the part
-    of d they align with): chunks of each segment are converted into one scratch buffer, d's once for
-    all k rows, and reduced there (SUM_CHUNK; the scratch is kept in the workspace on CPU, fresh
-    elsewhere), so the sums never hold a converted copy of the weights."""
-    d_first = segments[0][1]
+    of d they align with; `longest`: the longest segment's length):
+    chunks of each segment are converted into one scratch buffer, d's once for all k rows, and reduced
+    there (SUM_CHUNK; the scratch is kept in the workspace on CPU, fresh elsewhere), so the sums never
+    hold a converted copy of the weights."""
+    segments = iter(segments)
+    head = next(segments)
+    d_first = head[1]
     on_cpu = d_first.device.type == "cpu"
-    longest = max(d.numel() for _, d in segments)
-    width = max(1, min(longest, SUM_CHUNK if on_cpu else SUM_CHUNK_ACCELERATOR))
+    width = max(1, min(longest, _sum_chunk(d_first.device)))
     shape = (k + 1, width)
     scratch = workspace_buffer(workspace, "acc_scratch", shape, d_first, acc_dtype) if on_cpu else None
     if scratch is None:
         scratch = d_first.new_empty(shape, dtype=acc_dtype)
     dots = scratch.new_zeros(k)
     norms = scratch.new_zeros(k)
-    for parts, d in segments:
+    for parts, d in itertools.chain([head], segments):
         for start in range(0, d.numel(), width):
             end = min(start + width, d.numel())
             part = scratch[:, : end - start]
