@@ -45,8 +45,8 @@ class FlatCopy:
 class Workspace:
     """Flat buffers reused from step to step, by name (fresh ones would be page-faulted in at every step
     on CPU): the gathered g, then x_t ("flat"); with Delta recomputed, g and x_t side by side ("g_x", the
-    g row then scratch for the update); a small scratch for the sums of bfloat16/float16
-    ("acc_scratch")."""
+    g row then scratch for the update); for the sums of bfloat16/float16, a chunk of each list gathered
+    ("gather_scratch_0", "_1") and its float32 conversion ("acc_scratch")."""
 
     def __init__(self) -> None:
         self.buffers: Dict[str, Tensor] = {}
