@@ -288,6 +288,7 @@ def _row_sums(
 
 
 def _sum_chunk(device: torch.device) -> int:
+    """Elements per chunk of the converted sums on `device` (see SUM_CHUNK)."""
     return SUM_CHUNK if device.type == "cpu" else SUM_CHUNK_ACCELERATOR
 
 
@@ -299,8 +300,8 @@ def _grouped_segments(
 ) -> Tuple[Iterator[Tuple[List[Tensor], Tensor]], int]:
     """Segments for `_converted_sums` over many tensors, and the longest one's length: consecutive
     tensors in groups of at most a chunk, each list gathered group by group into a chunk-sized scratch
-    (a tensor longer than a chunk is a group of its own, read where it is). With `x_out`, the second
-    list (x) is gathered into its slice of `x_out` instead, which then holds the x_t copy."""
+    (a group of one tensor, as a tensor longer than a chunk is, is read where it is). With `x_out`, the
+    second list (x) is gathered into its slice of `x_out` instead, which then holds the x_t copy."""
     width = _sum_chunk(d.device)
     groups: List[Tuple[int, int, int, int]] = []  # (first tensor, end, offset, elements)
     first = offset = size = 0
@@ -311,12 +312,16 @@ def _grouped_segments(
         size += t.numel()
     groups.append((first, len(rows[0]), offset, size))
     longest = max(group[3] for group in groups)
+    gathered = max((size for first, end, _, size in groups if end - first > 1), default=0)
     on_cpu = d.device.type == "cpu"
-    scratches = []
+    scratches: List[Optional[Tensor]] = []
     for row, tensors in enumerate(rows):
-        shape = (min(longest, width),)
-        scratch = workspace_buffer(workspace, f"gather_scratch_{row}", shape, tensors[0]) if on_cpu else None
-        scratches.append(tensors[0].new_empty(shape) if scratch is None else scratch)
+        if gathered == 0 or (row == 1 and x_out is not None):
+            scratches.append(None)  # nothing is gathered into it
+            continue
+        name = f"gather_scratch_{row}"
+        scratch = workspace_buffer(workspace, name, (gathered,), tensors[0]) if on_cpu else None
+        scratches.append(tensors[0].new_empty(gathered) if scratch is None else scratch)
 
     def segments() -> Iterator[Tuple[List[Tensor], Tensor]]:
         for first, end, offset, size in groups:
@@ -324,7 +329,7 @@ def _grouped_segments(
             for row, tensors in enumerate(rows):
                 if row == 1 and x_out is not None:
                     parts.append(gather(tensors[first:end], x_out[offset : offset + size]))
-                elif size > width:  # one long tensor
+                elif end - first == 1:
                     parts.append(tensors[first].reshape(-1))
                 else:
                     parts.append(gather(tensors[first:end], scratches[row][:size]))
