@@ -9,9 +9,9 @@ one flat buffer in order (x_ref and Delta, which the optimizer allocates that wa
 without a gather. So the number of dispatched ops is constant in the number of tensors.
 
 With `per_tensor=True` (few large tensors, where per-tensor dispatch is negligible and every pass
-counts) the gradients are reduced where they are (no gather) and x_ref + S * Delta is written straight
-into each parameter (no copy back). bfloat16/float16 values are converted for the sums chunk by chunk
-in a small kept buffer (`_converted_sums`).
+counts) gradients in the accumulation dtype are reduced where they are (no gather) and x_ref + S * Delta
+is written straight into each parameter (no copy back). bfloat16/float16 values are gathered and
+converted for the sums a chunk at a time, in small kept buffers (`_grouped_segments`, `_converted_sums`).
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def inner_products(
     numel = _total_numel(aligned, d, d_ref) if aligned is not None else 0
     d_first = d.flat if isinstance(d, FlatCopy) else d[0]
     g_scattered = g is not None and flat_view(g) is None  # else flat(g) is a view, not a gather
-    # few large gradients: reduced where they are (a gather would write them once more only to be read):
-    # by BLAS in acc_dtype, else converted chunk by chunk beside x, so that Delta is converted once
+    # few large gradients in acc_dtype: BLAS dots where they are (a gather would write them once more
+    # only for BLAS to read them)
     in_acc = g_scattered and g[0].dtype == acc_dtype == d_first.dtype
     g_in_place = g_scattered and per_tensor and in_acc
     # below acc_dtype with Delta stored: g (and x) converted chunk by chunk beside Delta, so that each
