@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -122,10 +122,6 @@ class MechanicConfig:
             s_init=s_init if self.s_init is None else self.s_init,
             s_decay=s_decay if self.s_decay is None else self.s_decay,
         )
-
-    def options(self) -> Dict[str, Any]:
-        """The options as `mechanize` keywords (to rebuild the same class)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _real(name: str, value: object, positive: bool = False) -> float:

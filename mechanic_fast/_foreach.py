@@ -188,7 +188,7 @@ def inner_products(
     # few large gradients in acc_dtype: BLAS dots where they are (a gather would write them once more
     # only for BLAS to read them)
     in_acc = g_scattered and g[0].dtype == acc_dtype == d_first.dtype
-    g_in_place = g_scattered and per_tensor and in_acc
+    g_in_place = per_tensor and in_acc
     # below acc_dtype with Delta stored: g (and x) converted chunk by chunk beside Delta, so that each
     # is converted once, gathered a chunk of tensors at a time (long tensors read where they are)
     g_converted = g_scattered and not in_acc and d_ref is None
