@@ -86,8 +86,8 @@ def apply_update_kernel(
 
     - HAS_REF and HAS_DELTA: Delta += u in place, x = x_ref + scale * Delta;
     - HAS_REF alone: Delta = (x_copy - x_ref) / denom + u, x = x_ref + scale * Delta;
-    - HAS_DELTA alone: scale_ptr holds S - S_old and denom_ptr 1 - S_old; with w = -u, Delta -= w and
-      x = x + ((1 - S_old) * w + (S - S_old) * Delta).
+    - HAS_DELTA alone: scale_ptr holds S - S_old and denom_ptr S_old; Delta += u and
+      x = x_copy + (S_old * u + (S - S_old) * Delta).
     """
     pid = tl.program_id(0)
     row = table_ptr + tl.load(blocks_ptr + 2 * pid) * UP_COLS
@@ -111,7 +111,7 @@ def apply_update_kernel(
         new_x = tl.fma(delta, scale, ref)
     else:
         # each intermediate rounded to x's dtype, where the other implementations keep it
-        w = (x_t - x).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
-        kept = (w * tl.load(denom_ptr).to(ACC)).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
-        new_x = x + tl.fma(delta, scale, kept).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+        u = (x - x_t).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+        kept = (u * tl.load(denom_ptr).to(ACC)).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
+        new_x = x_t + tl.fma(delta, scale, kept).to(X_TY, fp_downcast_rounding="rtne").to(ACC)
     tl.store(x_ptr + offs, new_x.to(X_TY, fp_downcast_rounding="rtne"), mask=mask)

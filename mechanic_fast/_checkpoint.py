@@ -5,13 +5,25 @@ new Mechanic state aside (`parse`), so that a refused checkpoint leaves the opti
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _distributed, _state, _torch, tuner
+from . import _distributed, _gaps, _state, _torch, tuner
 from ._config import MechanicConfig
+
+
+class Source(NamedTuple):
+    """How messages name where Mechanic's state comes from: a checkpoint being loaded, or the state an
+    optimizer holds when `mechanize(opt)` adopts it."""
+
+    owner: str  # "<owner> Mechanic s holds NaN"
+    made: str  # "<made> variant='paper', this optimizer has ..."
+
+
+CHECKPOINT = Source("checkpoint's", "checkpoint was saved with Mechanic")
+HELD = Source("the optimizer's held", "the Mechanic state this optimizer holds was made with")
 
 
 def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, Any]], None]) -> None:
@@ -53,7 +65,7 @@ def adopt(
     entry = None
     if holds:
         torch_base = type(opt).__module__.startswith("torch.optim")
-        _, per_param, entry = parse(opt, cfg, opt.state_dict(), dtype_of, torch_base)
+        _, per_param, entry = parse(opt, cfg, opt.state_dict(), dtype_of, torch_base, HELD)
     if entry is None:
         entry = _state.fresh_tuner(opt.param_groups, cfg, opt.param_groups[0].get("lr"))
     return entry, per_param
@@ -65,6 +77,7 @@ def parse(
     state_dict: Dict[str, Any],
     dtype_of: Callable[[Tensor], torch.dtype],
     torch_base: bool,
+    source: Source = CHECKPOINT,
 ) -> Tuple[Dict[str, Any], Dict[Tensor, Dict[str, Tensor]], Optional[Dict[str, Any]]]:
     """Validate `state_dict` against `opt` and split it into (what torch's own `load_state_dict` should
     load, Mechanic's per-parameter tensors ready to install, the tuner entry or None).
@@ -92,12 +105,12 @@ def parse(
         param = id_map.get(key)
         if param is None or not isinstance(value, dict):
             continue  # not a parameter's state: torch keeps it as it is
-        ours = {k: value[k] for k in (_state.X_REF, _state.DELTA) if k in value}
-        state[key] = {k: v for k, v in value.items() if k not in (_state.X_REF, _state.DELTA)}
+        ours = {k: value[k] for k in _MECHANIC_KEYS if k in value}
+        state[key] = {k: v for k, v in value.items() if k not in _MECHANIC_KEYS}
         if ours:
             per_param[param] = ours
         _check_base_state(opt, key, param, state[key], torch_base)
-    tuner_entry, fresh = _mechanic_part(opt, cfg, entry, per_param, state, id_map, dtype_of)
+    tuner_entry, fresh = _mechanic_part(opt, cfg, entry, per_param, id_map, dtype_of, source)
     sd["state"], sd["param_groups"] = state, groups
     return sd, fresh, tuner_entry
 
@@ -107,23 +120,24 @@ def _mechanic_part(
     cfg: MechanicConfig,
     entry: Any,
     per_param: Dict[Tensor, Dict[str, Tensor]],
-    state: Dict[Any, Any],
     id_map: Dict[Any, Tensor],
     dtype_of: Callable[[Tensor], torch.dtype],
+    source: Source,
 ) -> Tuple[Optional[Dict[str, Any]], Dict[Tensor, Dict[str, Tensor]]]:
     """The checkpoint's tuner entry (or None) and per-parameter state, checked and laid out as kept:
-    x_ref only where `_state.keeps_x_ref` (older checkpoints kept it for every parameter)."""
+    x_ref only where `_state.keeps_x_ref` (older checkpoints kept it for every parameter), and the
+    records of parameters that skipped steps (`_gaps`) in the tuner's dtype."""
     if entry is None:
         if per_param:
             raise ValueError(
-                "checkpoint has Mechanic's x_ref or Delta but no tuner (param_groups[0]['mechanic'] is "
-                "missing)"
+                f"{source.owner} Mechanic state has x_ref or Delta but no tuner "
+                "(param_groups[0]['mechanic'] is missing)"
             )
         return None, {}
-    tuner_entry = _parse_tuner(opt, cfg, entry, id_map)
+    tuner_entry = _parse_tuner(opt, cfg, entry, id_map, source)
     auto = cfg.store_delta is None
     cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
-    _check_per_param(cfg, per_param, id_map)
+    records = _check_per_param(cfg, per_param, id_map, source)
     if auto and not cfg.store_delta:
         # An x_ref-only checkpoint (store_delta=False, the float64 default of earlier versions) with the
         # layout left to us: Delta from now on, which costs no more and cannot stall in lower precision.
@@ -133,7 +147,11 @@ def _mechanic_part(
         _complete_x_ref(per_param, tuner_entry, cfg, dtype_of)
     x_refs = {p: v[_state.X_REF] for p, v in per_param.items() if _state.keeps_x_ref(cfg.store_delta, p)}
     deltas = {p: v[_state.DELTA] for p, v in per_param.items()} if cfg.store_delta else None
-    return tuner_entry, _state.laid_out(x_refs, deltas, dtype_of)
+    fresh = _state.laid_out(x_refs, deltas, dtype_of)
+    like = tuner_entry["s"]
+    for p, value in records.items():
+        fresh[p][_gaps.X_SCALE] = value.to(device=like.device, dtype=like.dtype, copy=True)
+    return tuner_entry, fresh
 
 
 def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> Dict[Any, Tensor]:
@@ -154,32 +172,29 @@ def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> D
 
 
 def _parse_tuner(
-    opt: torch.optim.Optimizer, cfg: MechanicConfig, entry: Any, id_map: Dict[Any, Tensor]
+    opt: torch.optim.Optimizer, cfg: MechanicConfig, entry: Any, id_map: Dict[Any, Tensor], source: Source
 ) -> Dict[str, Any]:
     if not isinstance(entry, dict):
-        raise ValueError(f"checkpoint's param_groups[0]['mechanic'] is not a dict: {type(entry).__name__}")
+        raise ValueError(f"{source.owner} param_groups[0]['mechanic'] is not a dict: {type(entry).__name__}")
     options = _state.options(cfg)
     if cfg.store_delta is None:  # left to us: the checkpoint's layout, whichever it is
         theirs = entry.get("store_delta")
         if not isinstance(theirs, bool):
-            raise ValueError(f"checkpoint's Mechanic store_delta is not a bool: {theirs!r}")
+            raise ValueError(f"{source.owner} Mechanic store_delta is not a bool: {theirs!r}")
         options["store_delta"] = theirs
     for key, mine in options.items():
-        theirs = entry.get(key)
+        theirs = entry.get(key, False if key == "lr_invariant" else None)
         if key == "betas" and isinstance(theirs, (list, tuple)):
             theirs = tuple(float(b) for b in theirs)
         if theirs != mine:
-            raise ValueError(
-                f"checkpoint was saved with Mechanic {key}={theirs!r}, this optimizer has {mine!r}"
-            )
+            raise ValueError(f"{source.made} {key}={theirs!r}, this optimizer has {mine!r}")
     saved_invariant = entry.get("lr_invariant", False)
     if cfg.lr_invariant is not None and saved_invariant != cfg.lr_invariant:
         raise ValueError(
-            f"checkpoint was saved with Mechanic lr_invariant={saved_invariant!r}, "
-            f"this optimizer has {cfg.lr_invariant!r}"
+            f"{source.made} lr_invariant={saved_invariant!r}, this optimizer has {cfg.lr_invariant!r}"
         )
     if not isinstance(saved_invariant, bool):
-        raise ValueError(f"checkpoint's Mechanic lr_invariant is not a bool: {saved_invariant!r}")
+        raise ValueError(f"{source.owner} Mechanic lr_invariant is not a bool: {saved_invariant!r}")
     cfg = cfg.resolved(saved_invariant)  # the default (None) keeps the checkpoint's mode
     if saved_invariant:
         options["lr_invariant"] = True
@@ -193,30 +208,35 @@ def _parse_tuner(
     for name in tuner.TunerState._fields:
         value = entry.get(name)
         if not torch.is_tensor(value):
-            raise ValueError(f"checkpoint's Mechanic tuner has no tensor {name!r}")
+            raise ValueError(f"{source.owner} Mechanic tuner has no tensor {name!r}")
         if value.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"checkpoint's Mechanic {name} is {value.dtype}; the tuner is kept in float32 or float64"
+                f"{source.owner} Mechanic {name} is {value.dtype}; the tuner is kept in float32 or float64"
             )
         if tuple(value.shape) != (n,):
-            raise ValueError(f"checkpoint's Mechanic {name} has shape {tuple(value.shape)}, expected ({n},)")
+            raise ValueError(
+                f"{source.owner} Mechanic {name} has shape {tuple(value.shape)}, expected ({n},)"
+            )
         if not bool(torch.isfinite(value).all()):  # a sync, fine at load time
-            raise ValueError(f"checkpoint's Mechanic {name} holds NaN or Inf")
+            raise ValueError(f"{source.owner} Mechanic {name} holds NaN or Inf")
         if name != "r" and bool((value < 0).any()):  # s, m, v are >= 0 in both variants
-            raise ValueError(f"checkpoint's Mechanic {name} holds negative values: {value.tolist()}")
+            raise ValueError(f"{source.owner} Mechanic {name} holds negative values: {value.tolist()}")
         out[name] = _distributed.local(value).detach().to(device=device, dtype=dtype, copy=True)
     step = entry.get("step")
     if not torch.is_tensor(step) or step.dtype.is_floating_point or step.dim() != 0 or int(step) < 0:
-        raise ValueError(f"checkpoint's Mechanic step count is not a 0-d integer tensor >= 0: {step!r}")
+        raise ValueError(f"{source.owner} Mechanic step count is not a 0-d integer tensor >= 0: {step!r}")
     out["step"] = step.detach().to(device=device, dtype=torch.int64, copy=True)
     out.update(options)
     return out
 
 
-def _applied_scale(entry: Dict[str, Any], cfg: MechanicConfig) -> float:
-    """The S that the saved parameters were made with, in the parameters' units (a host read, once, while
-    loading)."""
-    return float(tuner.effective_scale(_state.tuner_state(entry), cfg)) / _state.lr_ref(entry)
+def _applied_scale(entry: Dict[str, Any], cfg: MechanicConfig, ours: Dict[str, Tensor]) -> float:
+    """The S a saved parameter was made with, in the parameters' units (a host read, once, while
+    loading): its record where it skipped steps (`_gaps`), else the tuner's; a tiny positive number
+    where that is 0 (mechanic_pytorch's first steps: x = x_ref there, so Delta = 0)."""
+    raw = ours.get(_gaps.X_SCALE)
+    raw = tuner.effective_scale(_state.tuner_state(entry), cfg) if raw is None else raw
+    return max(float(raw), torch.finfo(torch.float64).tiny) / _state.lr_ref(entry)
 
 
 def _recompute_delta(
@@ -225,13 +245,13 @@ def _recompute_delta(
     cfg: MechanicConfig,
     dtype_of: Callable[[Tensor], torch.dtype],
 ) -> None:
-    """Delta = (x - x_ref) / (S + eps), as the step recomputes it, from the parameters as they are now
-    (load the model's weights before the optimizer's state, as usual) and x_ref in the dtype it will
-    be kept in, so that x = x_ref + S * Delta holds as loaded. Taken in float64."""
-    denom = (float(entry["s"].sum()) + cfg.eps) / _state.lr_ref(entry)
+    """Delta = (x - x_ref) / S, from the parameters as they are now (load the model's weights before the
+    optimizer's state, as usual) and x_ref in the dtype it will be kept in, so that x = x_ref + S * Delta
+    holds exactly as loaded (S + eps, as the x_ref-only step of the paper's variant divides by, would
+    move every parameter at the next step by eps / S of its displacement). Taken in float64."""
     for param, ours in per_param.items():
         x_ref = _distributed.shard_like(param, ours[_state.X_REF]).to(param.device).to(dtype_of(param))
-        ours[_state.DELTA] = (param.detach().double() - x_ref.double()) / denom
+        ours[_state.DELTA] = (param.detach().double() - x_ref.double()) / _applied_scale(entry, cfg, ours)
     entry["store_delta"] = True
 
 
@@ -243,18 +263,19 @@ def _complete_x_ref(
 ) -> None:
     """x_ref = x - S * Delta (taken in float64) for bfloat16/float16 parameters whose checkpoint holds
     Delta alone (saved from float32 parameters of the same model)."""
-    scale = None
     for param, ours in per_param.items():
         if _state.X_REF in ours or not _state.keeps_x_ref(True, param):
             continue
-        scale = _applied_scale(entry, cfg) if scale is None else scale
         delta = _distributed.shard_like(param, ours[_state.DELTA]).to(param.device).to(dtype_of(param))
-        ours[_state.X_REF] = param.detach().double() - scale * delta.double()
+        ours[_state.X_REF] = param.detach().double() - _applied_scale(entry, cfg, ours) * delta.double()
 
 
 def _check_per_param(
-    cfg: MechanicConfig, per_param: Dict[Tensor, Dict[str, Tensor]], id_map: Dict[Any, Tensor]
-) -> None:
+    cfg: MechanicConfig, per_param: Dict[Tensor, Dict[str, Tensor]], id_map: Dict[Any, Tensor], source: Source
+) -> Dict[Tensor, Tensor]:
+    """Check each parameter's Mechanic state against its layout and the parameter; returns the records
+    of parameters that skipped steps (`_gaps`), checked, as one-element tensors."""
+    records: Dict[Tensor, Tensor] = {}
     for key, param in id_map.items():
         # A parameter with base state but no Mechanic state is valid: one that never had a gradient
         # while mechanized (Adagrad makes state when it is made; a layer frozen since `mechanize(opt)`
@@ -262,14 +283,23 @@ def _check_per_param(
         ours = per_param.get(param, {})
         if not ours:
             continue
+        where = f"{source.owner} Mechanic state for parameter {key!r}"
+        if _gaps.X_SCALE in ours:
+            label = f"{where}: the record of its scale ({_gaps.X_SCALE})"
+            records[param] = _gaps.parse_record(ours[_gaps.X_SCALE], label)
+            if len(ours) == 1:
+                raise ValueError(f"{where} has {_gaps.X_SCALE} but neither x_ref nor Delta")
         if cfg.store_delta and _state.DELTA not in ours:
-            raise ValueError(f"checkpoint has no Mechanic Delta for parameter {key!r} (store_delta=True)")
+            raise ValueError(f"{where} has no Delta (store_delta=True)")
         if not cfg.store_delta and _state.X_REF not in ours:
-            raise ValueError(f"checkpoint has no Mechanic x_ref for parameter {key!r} (store_delta=False)")
+            raise ValueError(f"{where} has no x_ref (store_delta=False)")
         if not cfg.store_delta and _state.DELTA in ours:
-            raise ValueError(f"checkpoint has Mechanic Delta for parameter {key!r}, but store_delta=False")
-        for name, t in ours.items():
-            label = f"checkpoint's Mechanic {name.replace('mechanic_', '')} for parameter {key!r}"
+            raise ValueError(f"{where} has Delta, but store_delta=False")
+        for name in (_state.X_REF, _state.DELTA):
+            t = ours.get(name)
+            if t is None:
+                continue
+            label = f"{source.owner} Mechanic {name.replace('mechanic_', '')} for parameter {key!r}"
             if not torch.is_tensor(t) or not t.is_floating_point():
                 raise ValueError(f"{label} is not a floating-point tensor")
             if tuple(t.shape) != tuple(param.shape):
@@ -278,6 +308,10 @@ def _check_per_param(
                 )
             if not bool(torch.isfinite(_distributed.local(t)).all()):
                 raise ValueError(f"{label} holds NaN or Inf")
+    return records
+
+
+_MECHANIC_KEYS = (_state.X_REF, _state.DELTA, _gaps.X_SCALE)
 
 
 def _check_base_state(

@@ -411,17 +411,22 @@ def apply_update(
         new_neg = x_t.addcdiv_(d, denom, value=-1)  # -(Delta + u)
         _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
         return
+    if x_ref is None:
+        # x_t carries the large part: x = x_t + (S_old * u + (S - S_old) * Delta_new), so that a base
+        # step far larger than x (a large base lr) costs no precision in x
+        torch._foreach_sub_(x, x_t_parts)  # u, in the parameters
+        torch._foreach_add_(list(delta), x)  # Delta + u
+        torch._foreach_mul_(x, scale_old)
+        torch._foreach_addcmul_(x, list(delta), [scale - scale_old] * len(x))
+        torch._foreach_add_(x, x_t_parts)
+        return
     torch._foreach_sub_(x_t_parts, x)  # w = -u
     stored = flat_view(delta)
     if stored is None:  # Delta not in one buffer: advance it tensor by tensor
         torch._foreach_sub_(list(delta), _split(x_t, delta))
     else:
         stored.sub_(x_t)  # Delta + u
-    if x_ref is not None:
-        _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1, per_tensor)
-        return
-    x_t.mul_(1 - scale_old).addcmul_(gather(delta) if stored is None else stored, scale - scale_old)
-    torch._foreach_add_(x, x_t_parts)
+    _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1, per_tensor)
 
 
 def _write_x(

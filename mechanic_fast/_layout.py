@@ -109,11 +109,14 @@ class StepLayout:
         return self._const[1]
 
     @staticmethod
-    def gather(param_groups: List[Dict[str, Any]]) -> Tuple[List[Tensor], List[Tensor], List[bool]]:
-        """Parameters that have a gradient, their gradients, and whether each is in a `maximize` group;
-        refuses what Mechanic cannot handle before anything has changed. Runs every step over every
-        parameter: kept to attribute reads and one set, no hashing of tensors."""
-        params, grads, maximize, seen = [], [], [], set()
+    def gather(
+        param_groups: List[Dict[str, Any]],
+    ) -> Tuple[List[Tensor], List[Tensor], List[bool], List[Tensor]]:
+        """Parameters that have a gradient, their gradients, whether each is in a `maximize` group, and
+        the parameters taking no step (`_gaps`); refuses what Mechanic cannot handle before anything has
+        changed. Runs every step over every parameter: kept to attribute reads and one set, no hashing
+        of tensors."""
+        params, grads, maximize, idle, seen = [], [], [], [], set()
         for group in param_groups:
             maximizes = bool(group.get("maximize", False))
             for p in group["params"]:
@@ -121,7 +124,11 @@ class StepLayout:
                 # a frozen parameter whose gradient zero_grad(set_to_none=False) kept is left to the base
                 # (else every change of S would move it); one listed twice counts once; an empty one
                 # has nothing to tune
-                if g is None or not p.requires_grad or id(p) in seen or p.numel() == 0:
+                if g is None or not p.requires_grad:
+                    if p.numel():
+                        idle.append(p)
+                    continue
+                if id(p) in seen or p.numel() == 0:
                     continue
                 seen.add(id(p))
                 if g.is_sparse:
@@ -137,7 +144,7 @@ class StepLayout:
                 params.append(p)
                 grads.append(g)
                 maximize.append(maximizes)
-        return params, grads, maximize
+        return params, grads, maximize, idle
 
     def domains(
         self, params: List[Tensor]
@@ -157,11 +164,21 @@ class StepLayout:
 
     @staticmethod
     def known_refs(state: Dict[Tensor, Any], params: List[Tensor]) -> Refs:
-        """The state entries of those of `params` that have Mechanic state (x_ref)."""
+        """The state entries of those of `params` that have Mechanic state (x_ref or Delta); refuses a
+        parameter whose shape no longer matches it (its `.data` replaced by a tensor of another size)."""
         refs = {}
         for p in params:  # one lookup each (tensors hash in Python)
             entry = state.get(p)
             if entry is not None and (_state.DELTA in entry or _state.X_REF in entry):
+                kept = entry.get(_state.DELTA, entry.get(_state.X_REF))
+                if kept.shape != p.shape:
+                    raise RuntimeError(
+                        f"a parameter's shape changed from {tuple(kept.shape)} to {tuple(p.shape)} after "
+                        "Mechanic's state for it was made (its .data was replaced by a tensor of another "
+                        "size), so its x_ref/Delta no longer fit it; nothing was changed. Make a new "
+                        "optimizer for the resized model, or delete that parameter's entry from "
+                        "optimizer.state so that Mechanic starts it afresh"
+                    )
                 refs[p] = entry
         return refs
 

@@ -59,11 +59,11 @@ def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=Non
             # u + Delta with Delta = (x_t - x_ref) / (S_old + eps)
             x_i.copy_(torch.addcmul(ref_i, (x_i - t_i) + (t_i - ref_i) / denom, scale))
     elif x_ref is None:
-        keep, grow = 1 - scale_old, scale - scale_old
+        grow = scale - scale_old
         for x_i, t_i, delta_i in zip(x, x_t, _tensors(delta)):
-            w = t_i - x_i
-            delta_i.sub_(w)  # Delta += u
-            x_i.add_(torch.addcmul(w * keep, delta_i, grow))
+            u = x_i - t_i
+            delta_i.add_(u)  # Delta += u
+            x_i.copy_(t_i + torch.addcmul(u * scale_old, delta_i, grow))
     else:
         for x_i, t_i, ref_i, delta_i in zip(x, x_t, _tensors(x_ref), _tensors(delta)):
             delta_i.sub_(t_i - x_i)  # Delta += u

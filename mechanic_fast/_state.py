@@ -35,6 +35,7 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
+X_SCALE = "mechanic_x_scale"  # in state[p] while p skips steps: the S its x was made with (`_gaps`)
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -144,8 +144,8 @@ def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=Non
     device = x[0].device
     numels = [t.numel() for t in x]
     acc = torch.float64 if x[0].dtype == torch.float64 else torch.float32
-    if x_ref is None:  # the kernel reads S - S_old and 1 - S_old, made as the other implementations make them
-        scale, denom = scale - scale_old, 1 - scale_old
+    if x_ref is None:  # the kernel reads S - S_old and S_old, made as the other implementations make them
+        scale, denom = scale - scale_old, scale_old
     blocks = _blocks(numels, device)
     table = _table(
         [_addresses(x, n), _addresses(x_copy, n), _addresses(x_ref, n), _addresses(delta, n), numels]

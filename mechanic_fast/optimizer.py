@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checkpoint, _distributed, _layout, _state, _torch, tuner
+from . import _checkpoint, _distributed, _gaps, _layout, _state, _torch, tuner
 from ._config import MechanicConfig
 from .functional import mechanic_sums, mechanic_update, select_impl
 
@@ -130,13 +130,14 @@ class Mechanic(torch.optim.Optimizer):
                 loss = closure()
         layout, everything = self._mechanic_layout, self._mechanic_params()
         partition = self._mechanic_partition_group
-        params, grads, maximize = layout.gather(self.param_groups)
+        params, grads, maximize, idle = layout.gather(self.param_groups)
         joins_others = layout.joins_others(everything, partition)
         if not params and not joins_others:  # a rank with nothing here still steps with the others
             return self._mechanic_base_step(closure, loss)
         known = layout.known_refs(self.state, params)
-        if len(known) < len(params) and torch.compiler.is_compiling():
-            # a step that creates state runs eagerly: traced, it would compile once more
+        stopped, resumed = _gaps.unrecorded(self.state, idle), _gaps.resumed(known)
+        if (len(known) < len(params) or stopped or resumed) and torch.compiler.is_compiling():
+            # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
         entry = self._mechanic_tuner()
         cfg = layout.run_config(self._mechanic_config, entry)
@@ -159,6 +160,9 @@ class Mechanic(torch.optim.Optimizer):
             sums = layout.total(parts, device, acc, everything, partition)
             if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
                 return loss  # nothing was committed yet
+            if stopped:  # the S their x was made with, before it moves on
+                _gaps.record(self.state, stopped, tuner.effective_scale(_state.tuner_state(entry), cfg))
+            corrections = _gaps.prepare(resumed, entry, cfg) if resumed else []
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
@@ -175,6 +179,8 @@ class Mechanic(torch.optim.Optimizer):
                 mechanic_update(
                     grp.params, copy, grp.refs, grp.deltas, *here, impl=impl, workspace=grp.workspace
                 )
+            if resumed:
+                _gaps.apply(corrections, scales[0], resumed)
         if new_refs:
             _layout.commit(self.state, refs)
         if cfg.log_every > 0:

@@ -76,9 +76,20 @@ def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig, lr_ref: floa
     decay = s_decay(cfg) * scale.to(sums.dtype) * grad_sq.sqrt() / (param_sq.sqrt() + cfg.eps)
     h = delta_grad + decay * delta_param
     if not cfg.store_delta:
-        # Delta~ = d / (S~ + eps) (the paper: Delta = d / (S + eps)), in the state's precision
-        return h / (scale + cfg.eps)
+        # Delta = d / (S + eps) as optax has it; Delta~ = d / S~ in the lr-invariant mode (`recompute_denom`)
+        return h / recompute_denom(scale, cfg)
     return h / lr_ref if cfg.lr_invariant else h
+
+
+def recompute_denom(scale: Tensor, cfg: MechanicConfig) -> Tensor:
+    """What x - x_ref is divided by to recover Delta when it is not stored, in the tuner's units.
+
+    The paper and optax divide by S + eps; the lr-invariant mode by S~ itself, which starts at 1e-9, below
+    eps, so that eps would shrink Delta there by up to 10x. S~ > 0 there (s_init > 0 and m >= eps keep
+    every s_j > 0); the clamp only keeps an underflowed S~ (x = x_ref, so 0 / tiny = 0) finite."""
+    if cfg.lr_invariant:
+        return scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    return scale + cfg.eps
 
 
 def update(state: TunerState, h: Tensor, const: Constants, cfg: MechanicConfig) -> TunerState:
@@ -115,7 +126,7 @@ def step(
     S_old + eps).
 
     S_new multiplies Delta + u in the parameter update, S_old the Delta it replaces (x_ref not kept);
-    S_old + eps divides x_t - x_ref into Delta (Delta not stored).
+    S_old + eps (lr-invariant: S_old, `recompute_denom`) divides x_t - x_ref into Delta (Delta not stored).
     With lr_invariant the tuner runs in units of the reference lr (S~ = S * lr_ref), and the scales
     returned are in the parameters' units: S~_new / lr_ref and (S~_old + eps) / lr_ref.
     """
@@ -127,6 +138,7 @@ def step(
     finite = torch.isfinite(torch.cat(new)).all()
     new = TunerState(*(torch.where(finite, a, b) for a, b in zip(new, state)))
     applied = effective_scale(state, cfg)  # the S that made x_t from Delta
+    denom = recompute_denom(scale_old, cfg)
     if cfg.lr_invariant:
-        return new, effective_scale(new, cfg) / lr_ref, applied / lr_ref, (scale_old + cfg.eps) / lr_ref
-    return new, effective_scale(new, cfg), applied, scale_old + cfg.eps
+        return new, effective_scale(new, cfg) / lr_ref, applied / lr_ref, denom / lr_ref
+    return new, effective_scale(new, cfg), applied, denom

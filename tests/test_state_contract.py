@@ -188,7 +188,7 @@ MESSAGES = {
     "inf delta": "NaN or Inf",
     "int64 tuner": "float32 or float64",
     "float16 tuner": "float32 or float64",
-    "delta missing": "no Mechanic Delta",
+    "delta missing": "has no Delta",
     "delta in the x_ref layout": "store_delta=False",
     "x_ref shape": "shape",
     "delta shape": "shape",
