@@ -89,8 +89,10 @@ def mechanize(
             (False: also one copy, but in float32 Delta can be lost to rounding while S is small, and
             then S never grows; bfloat16/float16 parameters are refused). bfloat16/float16 parameters
             keep x_ref and Delta.
-        log_func, log_every: call ``log_func({"iter_count": int, "s": float})`` every ``log_every``
-            steps (default: the ``mechanic_fast`` logger); only logging steps sync with the host.
+        log_func, log_every: call ``log_func({"iter_count": int, "s": float, "effective_lr": float})``
+            every ``log_every`` steps (default: the ``mechanic_fast`` logger): "s" is S as
+            ``mechanic_scale`` reads it, "effective_lr" S times group 0's lr. Only logging steps sync
+            with the host.
         variant: ``"paper"`` (the math of optax.contrib.mechanize) or ``"mechanic_pytorch"`` (that of
             the mechanic-pytorch package, to float rounding).
         backend: ``"foreach"`` (torch multi-tensor ops), ``"triton"`` (Triton kernels; raises where they

@@ -24,6 +24,7 @@ Reading a checkpoint is `_checkpoint`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
+LR_REF_PENDING = "lr_ref_pending"  # in the tuner entry until its first step (`settle_lr_ref`)
 X_SCALE = "mechanic_x_scale"  # in state[p] while p skips steps: the S its x was made with (`_gaps`)
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -70,12 +72,37 @@ def new_tuner(
     if cfg.lr_invariant:
         usable = fallback_lr is None or _is_positive(lr)
         entry["lr_ref"] = reference_lr(lr if usable else fallback_lr)
+        # settled at the first step (`settle_lr_ref`): an LR scheduler made after the optimizer may
+        # replace the lr it was made with (OneCycleLR, CyclicLR)
+        entry[LR_REF_PENDING] = True
     return entry
 
 
+def lr_value(lr: Any) -> float:
+    """An lr as a float: any real number (Python, numpy) or a one-element floating tensor; NaN otherwise."""
+    if torch.is_tensor(lr):
+        return float(lr) if lr.numel() == 1 and lr.is_floating_point() else math.nan
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        return math.nan
+    return float(lr)
+
+
 def _is_positive(lr: Any) -> bool:
-    value = float(lr) if torch.is_tensor(lr) or isinstance(lr, (int, float)) else math.nan
+    value = lr_value(lr)
     return math.isfinite(value) and value > 0
+
+
+def settle_lr_ref(entry: Dict[str, Any], group: Dict[str, Any]) -> None:
+    """At the first step of an lr-invariant tuner, its reference lr from what the user gave: the lr an LR
+    scheduler started group 0 from (`initial_lr`), else group 0's lr now, else the one it was made with.
+    So scaling every lr the user gives (the optimizer's, a scheduler's max_lr or base_lr) by a constant
+    scales the reference with them, whichever scheduler replaced the optimizer's lr when it was made."""
+    if not entry.pop(LR_REF_PENDING, False):
+        return
+    for lr in (group.get("initial_lr"), group.get("lr")):
+        if _is_positive(lr):
+            entry["lr_ref"] = lr_value(lr)
+            return
 
 
 def reference_lr(lr: Any) -> float:
@@ -84,7 +111,7 @@ def reference_lr(lr: Any) -> float:
             f"lr_invariant=True measures the scale in units of group 0's lr, which must be a finite "
             f"number > 0 when the tuner is made; it is {lr!r}"
         )
-    return float(lr)
+    return lr_value(lr)
 
 
 def lr_ref(entry: Dict[str, Any]) -> float:

@@ -24,7 +24,10 @@ logger = logging.getLogger("mechanic_fast")
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
-    logger.info(f"(iter={data['iter_count']}), s_sum (global scaling): {data['s']}")
+    logger.info(
+        f"(iter={data['iter_count']}), s_sum (global scaling): {data['s']}, "
+        f"effective lr (group 0): {data['effective_lr']}"
+    )
 
 
 class Mechanic(torch.optim.Optimizer):
@@ -136,10 +139,11 @@ class Mechanic(torch.optim.Optimizer):
             return self._mechanic_base_step(closure, loss)
         known = layout.known_refs(self.state, params)
         stopped, resumed = _gaps.unrecorded(self.state, idle), _gaps.resumed(known)
-        if (len(known) < len(params) or stopped or resumed) and torch.compiler.is_compiling():
+        entry = self._mechanic_tuner()
+        changes_keys = len(known) < len(params) or stopped or resumed or _state.LR_REF_PENDING in entry
+        if changes_keys and torch.compiler.is_compiling():
             # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
-        entry = self._mechanic_tuner()
         cfg = layout.run_config(self._mechanic_config, entry)
         with torch.no_grad():
             refs, new_refs = layout.refs(self.state, params, known, cfg.store_delta, self._mechanic_ref_dtype)
@@ -160,6 +164,7 @@ class Mechanic(torch.optim.Optimizer):
             sums = layout.total(parts, device, acc, everything, partition)
             if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
                 return loss  # nothing was committed yet
+            _state.settle_lr_ref(entry, self.param_groups[0])
             if stopped:  # the S their x was made with, before it moves on
                 _gaps.record(self.state, stopped, tuner.effective_scale(_state.tuner_state(entry), cfg))
             corrections = _gaps.prepare(resumed, entry, cfg) if resumed else []
@@ -212,7 +217,14 @@ class Mechanic(torch.optim.Optimizer):
             self._mechanic_log_count = int(entry["step"]) - 1
         self._mechanic_log_count += 1
         if self._mechanic_log_count % self._mechanic_config.log_every == 0:
-            self._mechanic_log_func({"iter_count": self._mechanic_log_count, "s": entry["s"].sum().item()})
+            self._mechanic_log_func(self.mechanic_log_data(self._mechanic_log_count))
+
+    def mechanic_log_data(self, iter_count: int) -> Dict[str, Any]:
+        """What `log_func` receives (one host sync): the step, S as `mechanic_scale` reads it ("s") and
+        group 0's effective lr, S * its lr ("effective_lr")."""
+        scale = float(self.mechanic_scale)
+        lr = _state.lr_value(self.param_groups[0].get("lr"))
+        return {"iter_count": iter_count, "s": scale, "effective_lr": scale * lr}
 
     @_torch.eager  # run eagerly: a compiled step would not replay the counter's increment
     def _mechanic_skips(self, sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
