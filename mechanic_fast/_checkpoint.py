@@ -205,11 +205,6 @@ def _parse_tuner(
     out: Dict[str, Any] = {}
     if cfg.lr_invariant:
         out["lr_ref"] = _state.reference_lr(entry.get("lr_ref"))
-        pending = entry.get(_state.LR_REF_PENDING, False)
-        if not isinstance(pending, bool):
-            raise ValueError(f"{source.owner} Mechanic {_state.LR_REF_PENDING} is not a bool: {pending!r}")
-        if pending:
-            out[_state.LR_REF_PENDING] = True
     for name in tuner.TunerState._fields:
         value = entry.get(name)
         if not torch.is_tensor(value):

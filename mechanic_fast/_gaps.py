@@ -8,7 +8,7 @@ record of the S its x was made with, ``state[p]["mechanic_x_scale"]`` (0-d, in t
 dtype), written once when it stops; where it resumes, its update is corrected and the record deleted:
 
 - Delta stored alone: x += (S_old - S_p) * Delta_old (the update took x_t as x_ref + S_old * Delta_old);
-- x_ref alone: Delta_old = (x_t - x_ref) / (S_p + eps), so x += S * (x_t - x_ref) * (1/den_p - 1/den_old);
+- x_ref alone: Delta_old = (x_t - x_ref) / (S_p + eps), in the sums too (`prepare`);
 - x_ref and Delta: x = x_ref + S * Delta holds without it.
 
 Parameters that step every time cost one dict lookup per step; a step that writes or uses a record runs
@@ -50,47 +50,67 @@ def record(state: Dict[Tensor, Any], params: List[Tensor], applied: Tensor) -> N
 
 
 class Correction(NamedTuple):
-    param: Tensor  # the local tensor, corrected in place
-    term: Tensor  # added to it after the update, times S_new where `scaled`
-    scaled: bool
+    param: Tensor  # the local tensor, corrected in place after the update
+    term: Optional[Tensor]  # Delta stored alone: added to it
+    x_ref: Optional[Tensor]  # x_ref alone: the x_ref the step works with ...
+    kept: Optional[Tensor]  # ... and its true value, put back after the update
 
 
 def prepare(
-    resumed_params: Dict[Tensor, Dict[str, Any]], tuner_entry: Dict[str, Any], cfg: MechanicConfig
+    resumed_params: Dict[Tensor, Dict[str, Any]],
+    refs: Dict[Tensor, Dict[str, Tensor]],
+    tuner_entry: Dict[str, Any],
+    cfg: MechanicConfig,
 ) -> List[Correction]:
-    """The corrections of resuming parameters, taken before the base step (x = x_t, Delta = Delta_old)."""
+    """The corrections of resuming parameters, before the sums (x = x_t, Delta = Delta_old, the tuner
+    not advanced); `refs` are the x_ref/Delta tensors the step works with.
+
+    Delta stored alone: the term (S_old - S_p) * Delta_old. x_ref alone: the step's x_ref is moved to
+    x_ref' = x_t - (den_old / den_p) * (x_t - x_ref), so that the step's (x_t - x_ref') / den_old is this
+    parameter's Delta in its sums and its update alike; the update then lands at x_ref' + S * Delta_new,
+    and `apply` adds x_ref - x_ref' and puts x_ref back."""
     out = []
     state = _state.tuner_state(tuner_entry)
     applied, raw = tuner.effective_scale(state, cfg), state.s.sum()
     lr_ref = _state.lr_ref(tuner_entry)
     for p, entry in resumed_params.items():
-        if _state.X_REF in entry and _state.DELTA in entry:
-            continue
+        ours = refs[p]
+        if _state.X_REF in ours and _state.DELTA in ours:
+            continue  # x = x_ref + S * Delta holds by itself
         x = _distributed.local(p)
         s_p = entry[X_SCALE].to(applied.device, applied.dtype)
         wide = torch.promote_types(applied.dtype, x.dtype)
-        if _state.DELTA in entry:
+        if _state.DELTA in ours:
             factor = ((applied - s_p) / lr_ref).to(x.device, wide)
-            delta = _distributed.local(entry[_state.DELTA])
-            term = (delta.to(wide) * factor).to(x.dtype)
-            out.append(Correction(x, term, False))
+            delta = _distributed.local(ours[_state.DELTA])
+            out.append(Correction(x, (delta.to(wide) * factor).to(x.dtype), None, None))
         else:
-            den_p, den_old = tuner.recompute_denom(s_p, cfg), tuner.recompute_denom(raw, cfg)
-            factor = (lr_ref / den_p - lr_ref / den_old).to(x.device, wide)
-            d = x.to(wide) - _distributed.local(entry[_state.X_REF]).to(wide)
-            out.append(Correction(x, d * factor, True))
+            ratio = (tuner.recompute_denom(raw, cfg) / tuner.recompute_denom(s_p, cfg)).to(x.device, wide)
+            x_ref = _distributed.local(ours[_state.X_REF])
+            kept = x_ref.clone()
+            moved = x.to(wide) - ratio * (x.to(wide) - kept.to(wide))
+            x_ref.copy_(moved)
+            out.append(Correction(x, None, x_ref, kept))
     return out
 
 
-def apply(corrections: List[Correction], scale: Tensor, resumed_params: Dict[Tensor, Dict[str, Any]]) -> None:
-    """Add the corrections after the update (`scale`: S_new in the parameters' units) and drop the records."""
+def apply(corrections: List[Correction], resumed_params: Dict[Tensor, Dict[str, Any]]) -> None:
+    """Complete the corrections after the update, and drop the records."""
     for c in corrections:
-        if c.scaled:
-            c.param.add_((c.term * scale.to(c.param.device, c.term.dtype)).to(c.param.dtype))
-        else:
+        if c.term is not None:
             c.param.add_(c.term)
+        else:
+            c.param.add_(c.kept - c.x_ref)
+            c.x_ref.copy_(c.kept)
     for entry in resumed_params.values():
         del entry[X_SCALE]
+
+
+def restore(corrections: List[Correction]) -> None:
+    """Undo `prepare` where a step ends without an update (skipped, or raised)."""
+    for c in corrections:
+        if c.x_ref is not None:
+            c.x_ref.copy_(c.kept)
 
 
 def parse_record(value: Any, label: str) -> Optional[Tensor]:

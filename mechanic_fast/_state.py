@@ -36,7 +36,6 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
-LR_REF_PENDING = "lr_ref_pending"  # in the tuner entry until its first step (`settle_lr_ref`)
 X_SCALE = "mechanic_x_scale"  # in state[p] while p skips steps: the S its x was made with (`_gaps`)
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -71,10 +70,9 @@ def new_tuner(
     entry.update(options(cfg))
     if cfg.lr_invariant:
         usable = fallback_lr is None or _is_positive(lr)
-        entry["lr_ref"] = reference_lr(lr if usable else fallback_lr)
         # settled at the first step (`settle_lr_ref`): an LR scheduler made after the optimizer may
         # replace the lr it was made with (OneCycleLR, CyclicLR)
-        entry[LR_REF_PENDING] = True
+        entry["lr_ref"] = reference_lr(lr if usable else fallback_lr)
     return entry
 
 
@@ -92,13 +90,16 @@ def _is_positive(lr: Any) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def lr_ref_pending(entry: Optional[Dict[str, Any]]) -> bool:
+    """Whether an lr-invariant tuner has yet to take its first step (one host read: not in a step)."""
+    return entry is not None and "lr_ref" in entry and int(entry["step"]) == 0
+
+
 def settle_lr_ref(entry: Dict[str, Any], group: Dict[str, Any]) -> None:
     """At the first step of an lr-invariant tuner, its reference lr from what the user gave: the lr an LR
     scheduler started group 0 from (`initial_lr`), else group 0's lr now, else the one it was made with.
     So scaling every lr the user gives (the optimizer's, a scheduler's max_lr or base_lr) by a constant
     scales the reference with them, whichever scheduler replaced the optimizer's lr when it was made."""
-    if not entry.pop(LR_REF_PENDING, False):
-        return
     for lr in (group.get("initial_lr"), group.get("lr")):
         if _is_positive(lr):
             entry["lr_ref"] = lr_value(lr)

@@ -23,6 +23,9 @@ from .functional import mechanic_sums, mechanic_update, select_impl
 logger = logging.getLogger("mechanic_fast")
 
 
+_SKIPPED = object()  # a step skip_nonfinite skipped
+
+
 def _default_log_func(data: Dict[str, Any]) -> None:
     logger.info(
         f"(iter={data['iter_count']}), s_sum (global scaling): {data['s']}, "
@@ -49,8 +52,8 @@ class Mechanic(torch.optim.Optimizer):
         if zero is not None:
             self._mechanic_partition_group = _distributed.GroupRef(zero.process_group)
         super().__init__(*args, **kwargs)
-        self._mechanic_attach()
         self._mechanic_tuner()  # the tuner exists from the start, like the options it records
+        self._mechanic_attach()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's `add_param_group`, refusing first what Mechanic cannot tune (`check_group`)."""
@@ -69,6 +72,9 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_layout = _layout.StepLayout()
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
+        # an lr-invariant tuner's reference lr is settled at its first step (`_state.settle_lr_ref`)
+        groups = self.__dict__.get("param_groups") or [{}]
+        self._mechanic_lr_ref_pending = _state.lr_ref_pending(groups[0].get(_state.TUNER_KEY))
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -140,7 +146,7 @@ class Mechanic(torch.optim.Optimizer):
         known = layout.known_refs(self.state, params)
         stopped, resumed = _gaps.unrecorded(self.state, idle), _gaps.resumed(known)
         entry = self._mechanic_tuner()
-        changes_keys = len(known) < len(params) or stopped or resumed or _state.LR_REF_PENDING in entry
+        changes_keys = len(known) < len(params) or stopped or resumed or self._mechanic_lr_ref_pending
         if changes_keys and torch.compiler.is_compiling():
             # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
@@ -153,6 +159,46 @@ class Mechanic(torch.optim.Optimizer):
                 _layout.commit(self.state, refs)
             return loss if closure is not None else result
 
+        with torch.no_grad():
+            corrections = _gaps.prepare(resumed, refs, entry, cfg) if resumed else []
+        try:
+            result = self._mechanic_tuned_step(
+                closure, loss, params, grads, maximize, refs, new_refs, cfg, bool(stopped)
+            )
+        except BaseException:
+            _gaps.restore(corrections)  # a refused or failed step leaves the state as it was
+            raise
+        if result is _SKIPPED:
+            _gaps.restore(corrections)
+            return loss
+        with torch.no_grad():
+            if stopped:  # the S their x was made with, before it moved on in this step
+                _gaps.record(self.state, stopped, result[1])
+            if resumed:
+                _gaps.apply(corrections, resumed)
+        if new_refs:
+            _layout.commit(self.state, refs)
+        if cfg.log_every > 0:
+            self._mechanic_log(entry)
+        return loss if closure is not None else result[0]
+
+    def _mechanic_tuned_step(
+        self,
+        closure: Optional[Callable[[], Any]],
+        loss: Any,
+        params: List[Tensor],
+        grads: List[Tensor],
+        maximize: List[bool],
+        refs: _layout.Refs,
+        new_refs: bool,
+        cfg: MechanicConfig,
+        wants_applied: bool,
+    ) -> Any:
+        """The sums, the base step, the tuner and the update. Returns the base step's result and, if
+        `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite) before
+        anything changed."""
+        layout, everything = self._mechanic_layout, self._mechanic_params()
+        partition, entry = self._mechanic_partition_group, self._mechanic_tuner()
         device = entry["s"].device
         with torch.no_grad():
             groups = layout.groups(
@@ -162,12 +208,15 @@ class Mechanic(torch.optim.Optimizer):
             acc = _layout.acc_dtype(groups, entry["s"].dtype)
             parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
             sums = layout.total(parts, device, acc, everything, partition)
-            if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
-                return loss  # nothing was committed yet
-            _state.settle_lr_ref(entry, self.param_groups[0])
-            if stopped:  # the S their x was made with, before it moves on
-                _gaps.record(self.state, stopped, tuner.effective_scale(_state.tuner_state(entry), cfg))
-            corrections = _gaps.prepare(resumed, entry, cfg) if resumed else []
+            if cfg.skip_nonfinite and self._mechanic_skips(
+                sums, grads, layout.joins_others(everything, partition)
+            ):
+                return _SKIPPED  # nothing was committed yet
+            if self._mechanic_lr_ref_pending:
+                _state.settle_lr_ref(entry, self.param_groups[0])
+                self._mechanic_lr_ref_pending = False
+            state = _state.tuner_state(entry)
+            applied = tuner.effective_scale(state, cfg).clone() if wants_applied else None
 
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
@@ -184,13 +233,7 @@ class Mechanic(torch.optim.Optimizer):
                 mechanic_update(
                     grp.params, copy, grp.refs, grp.deltas, *here, impl=impl, workspace=grp.workspace
                 )
-            if resumed:
-                _gaps.apply(corrections, scales[0], resumed)
-        if new_refs:
-            _layout.commit(self.state, refs)
-        if cfg.log_every > 0:
-            self._mechanic_log(entry)
-        return loss if closure is not None else result
+        return result, applied
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """The base optimizer's own step, without its step hooks (ours fire around this one); the

@@ -26,31 +26,42 @@ def reference_trajectory(
     make_base=None,
     frozen=(),
     after_step=None,
+    gaps=None,
+    recompute_eps=None,
 ):
     """Obviously-correct float64 Mechanic: Python loops, one tensor at a time, Python floats for the tuner.
 
     `make_base(params)` builds the base optimizer (default `Base(params, **kwargs)`); parameters whose
-    index is in `frozen` never get a gradient.
+    index is in `frozen` never get a gradient, nor, at step t, those in `gaps(t)`. A parameter takes part
+    only in the steps where it has a gradient, and then x = x_ref + S * Delta (Delta not stored:
+    (x_t - x_ref) / (S_p + `recompute_eps`, default eps), S_p the S its x was last made with).
     """
     all_x = problem.params()
     base = make_base(all_x) if make_base else Base(all_x, **kwargs)
     x = [p for i, p in enumerate(all_x) if i not in frozen]
+    index = [i for i in range(len(all_x)) if i not in frozen]
     n = len(BETAS)
     s, r, m, v = [s_init] * n, [0.0] * n, [0.0] * n, [0.0] * n
     x_ref = [p.detach().clone() for p in x]
     stored = [torch.zeros_like(p) for p in x]
+    made_with = [s_init] * len(x)  # irrelevant before a parameter's first step (x = x_ref)
+    eps_r = eps if recompute_eps is None else recompute_eps
     scales = []
     for t in range(steps):
         problem.grad_step(all_x, t)
-        for i in frozen:
+        skipped = set(frozen) | (set(gaps(t)) if gaps else set())
+        for i in skipped:
             all_x[i].grad = None
+        active = [k for k, i in enumerate(index) if i not in skipped]
         with torch.no_grad():
             S = torch.tensor(s, dtype=torch.float64).sum()
+            x_all = x
+            x = [x_all[k] for k in active]
             g = [p.grad.clone() for p in x]
             if store_delta:
-                delta = [d.clone() for d in stored]
+                delta = [stored[k].clone() for k in active]
             else:
-                delta = [(p - p0) / (S + eps) for p, p0 in zip(x, x_ref)]
+                delta = [(x_all[k] - x_ref[k]) / (made_with[k] + eps_r) for k in active]
             g_norm = math.sqrt(sum((gi * gi).sum().item() for gi in g))
             x_norm = math.sqrt(sum((p * p).sum().item() for p in x))
             g_hat = [gi + s_decay * S * g_norm / (x_norm + eps) * p for gi, p in zip(g, x)]
@@ -67,10 +78,12 @@ def reference_trajectory(
                 wealth = (s_init / n) * m[j] + max(r[j], 0.0)
                 s[j] = wealth / (math.sqrt(v[j]) + eps)
             S_new = torch.tensor(s, dtype=torch.float64).sum()
-            for i, p in enumerate(x):
+            for i, (k, p) in enumerate(zip(active, x)):
                 new_delta = delta[i] + u[i]
-                p.copy_(x_ref[i] + S_new * new_delta)
-                stored[i] = new_delta
+                p.copy_(x_ref[k] + S_new * new_delta)
+                stored[k] = new_delta
+                made_with[k] = S_new.item()
+            x = x_all
         scales.append(S_new.item())
         if after_step is not None:
             after_step(t)
