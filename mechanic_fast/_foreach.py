@@ -2,9 +2,10 @@
 
 Where a multi-tensor op is a loop over tensors (on CPU), passes over one flat buffer are cheaper: a step
 gathers g into one weight-sized buffer with one `_torch.chunk_cat` and takes its inner products with
-BLAS, then gathers x_t into the same buffer (the step's x_t copy), and forms the update there:
-w = x_t - x_base (one multi-tensor op), Delta += -w, and the correction to x_base (Delta alone) or
-x_ref + S * Delta (x_ref kept), added or copied back with one multi-tensor op. Lists that already tile
+BLAS, then gathers x_t into the same buffer (the step's x_t copy). The update: with x_ref kept,
+w = x_t - x_base in that buffer, Delta += -w and x_ref + S * Delta formed there and copied back; with
+Delta alone, u = x_base - x_t in the parameters, Delta += u, and x = x_t + (S_old * u + (S - S_old) *
+Delta) with multi-tensor ops, so that x_t, not x_base, carries the large part. Lists that already tile
 one flat buffer in order (x_ref and Delta, which the optimizer allocates that way) are used in place,
 without a gather. So the number of dispatched ops is constant in the number of tensors.
 
@@ -389,15 +390,16 @@ def apply_update(
     (``x_copy`` holds x_t and is consumed as scratch).
 
     - Delta stored, no x_ref (``x_ref`` None): Delta += u and x = x_t + S * Delta_new - S_old * Delta,
-      formed as x_base + ((1 - S_old) * w + (S - S_old) * Delta_new) with w = x_t - x_base = -u: the
-      correction to the base's step is small where S has settled, and x stays at x_t while S is tiny;
+      formed as x_t + (S_old * u + (S - S_old) * Delta_new) (the sum one addcmul): x_t carries the large
+      part, so a base step far larger than x (a large base lr) costs x no precision;
     - x_ref and stored Delta: Delta += u, x = x_ref + S * Delta (one addcmul);
-    - x_ref alone: Delta = (x_t - x_ref) / denom (denom = S_old + eps) + u, x = x_ref + S * Delta.
+    - x_ref alone: Delta = (x_t - x_ref) / denom (denom = S_old + eps, or S_old) + u, x = x_ref + S * Delta.
 
-    Each value is rounded in the same order in every implementation. w = x_t - x_base is formed in
-    x_t's buffer (one multi-tensor op, no gather of x_base; negation is exact, so Delta - w rounds as
-    Delta + u); with x_ref the new x is formed in that buffer and copied out, or, with ``per_tensor``,
-    written into each parameter by one addcmul.
+    Each value is rounded in the same order in every implementation. With x_ref, w = x_t - x_base is
+    formed in x_t's buffer (one multi-tensor op, no gather of x_base; negation is exact, so Delta - w
+    rounds as Delta + u) and the new x formed there and copied out, or, with ``per_tensor``, written into
+    each parameter by one addcmul. Without it, u is formed in the parameters, whose x_t stays in the
+    buffer until the last op.
     """
     x_t = x_copy.flat if isinstance(x_copy, FlatCopy) else gather(x_copy)
     x_t_parts = workspace.shaped(x_t, x) if workspace is not None else _split(x_t, x)

@@ -56,7 +56,7 @@ def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=Non
     x, x_t = _tensors(x), _tensors(x_copy)
     if delta is None:
         for x_i, t_i, ref_i in zip(x, x_t, _tensors(x_ref)):
-            # u + Delta with Delta = (x_t - x_ref) / (S_old + eps)
+            # u + Delta with Delta = (x_t - x_ref) / denom
             x_i.copy_(torch.addcmul(ref_i, (x_i - t_i) + (t_i - ref_i) / denom, scale))
     elif x_ref is None:
         grow = scale - scale_old

@@ -7,9 +7,9 @@ Delta = sum of the base's updates (paper symbols in brackets):
 - `mechanic_sums`: ``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]``, taken before the base step (the
   tuner's inputs; with Delta not stored, x - x_ref stands for S * Delta), and a copy of x_t;
 - `mechanic_update`: after the base step moved x to x_base, with u = x_base - x_t,
-  ``Delta <- Delta + u; x <- x_t + S * Delta - S_old * Delta_old`` (the identity x = x_ref + S * Delta
+  ``Delta <- Delta + u; x <- x_t + (S_old * u + (S - S_old) * Delta)`` (the identity x = x_ref + S * Delta
   without keeping x_ref), or, where x_ref is kept, ``x <- x_ref + S * Delta`` (Delta not stored:
-  ``(x_t - x_ref) / (S_old + eps) + u``).
+  ``(x_t - x_ref) / denom + u``, denom = S_old + eps, or S_old in the lr-invariant mode).
 
 Every implementation rounds the update in that order, so they agree exactly on the update and to
 summation order on the sums (tests/test_implementations.py sweeps them against each other):
@@ -169,8 +169,8 @@ def mechanic_update(
     """The Mechanic update of x, which holds the base step's result x_base; `x_t` is the copy
     `mechanic_sums` made (consumed), u = x_base - x_t, Delta_new = Delta + u, and S = `scale`:
 
-    - `x_ref` None (Delta stored alone): x <- x_t + S * Delta_new - S_old * Delta (`scale_old`);
-    - `delta` None (x_ref alone): Delta = (x_t - x_ref) / denom (denom = S_old + eps),
+    - `x_ref` None (Delta stored alone): x <- x_t + (S_old * u + (S - S_old) * Delta_new) (`scale_old`);
+    - `delta` None (x_ref alone): Delta = (x_t - x_ref) / denom (denom = S_old + eps, or S_old),
       x <- x_ref + S * Delta_new;
     - both: x <- x_ref + S * Delta_new.
 
