@@ -414,13 +414,7 @@ def apply_update(
         _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
         return
     if x_ref is None:
-        # x_t carries the large part: x = x_t + (S_old * u + (S - S_old) * Delta_new), so that a base
-        # step far larger than x (a large base lr) costs no precision in x
-        torch._foreach_sub_(x, x_t_parts)  # u, in the parameters
-        torch._foreach_add_(list(delta), x)  # Delta + u
-        torch._foreach_mul_(x, scale_old)
-        torch._foreach_addcmul_(x, list(delta), [scale - scale_old] * len(x))
-        torch._foreach_add_(x, x_t_parts)
+        _delta_only_update(x, x_t, x_t_parts, delta, scale, scale_old, workspace)
         return
     torch._foreach_sub_(x_t_parts, x)  # w = -u
     stored = flat_view(delta)
@@ -429,6 +423,71 @@ def apply_update(
     else:
         stored.sub_(x_t)  # Delta + u
     _write_x(x, x_t, x_t_parts, x_ref, None, delta, stored, scale, 1, per_tensor)
+
+
+def _delta_only_update(
+    x: TensorList,
+    x_t: Tensor,
+    x_t_parts: TensorList,
+    delta: Sequence[Tensor],
+    scale: Tensor,
+    scale_old: Tensor,
+    workspace: Optional[Workspace],
+) -> None:
+    """Delta += u; x = x_t + (S_old * u + (S - S_old) * Delta), x_t carrying the large part (a base step
+    far larger than x, as a large base lr makes, then costs x no precision).
+
+    Chunk by chunk (SUM_CHUNK elements of consecutive tensors, gathered into a small scratch; a tensor
+    longer than a chunk read where it is): u in the scratch, then Delta, the correction and x_t + it in
+    the x_t buffer, flat ops on cache-sized pieces; one multi-tensor copy writes x back. Where Delta does
+    not tile one buffer, multi-tensor ops do it tensor by tensor, in the same rounding order."""
+    grow = scale - scale_old
+    stored = flat_view(delta)
+    if stored is None:
+        torch._foreach_sub_(x, x_t_parts)  # u, in the parameters
+        torch._foreach_add_(list(delta), x)  # Delta + u
+        torch._foreach_mul_(x, scale_old)
+        torch._foreach_addcmul_(x, list(delta), [grow] * len(x))
+        torch._foreach_add_(x, x_t_parts)
+        return
+    width = _sum_chunk(x_t.device)
+    scratch = workspace_buffer(workspace, "update_scratch", (min(width, x_t.numel()),), x_t)
+    if scratch is None:
+        scratch = x_t.new_empty(min(width, x_t.numel()))
+    copied_back: List[int] = []
+    for first, end, offset, size in _chunk_groups(x, width):
+        in_place = end - first == 1 and x[first].is_contiguous()  # a long tensor: read and written there
+        if in_place:
+            source = x[first].view(-1)
+        else:  # x_base gathered (or a non-contiguous tensor copied): x is formed in x_t's buffer
+            source = gather(x[first:end], scratch[:size]) if end - first > 1 else x[first].reshape(-1)
+            copied_back.extend(range(first, end))
+        for start in range(0, size, width):
+            stop = min(start + width, size)
+            u, here = scratch[: stop - start], slice(offset + start, offset + stop)
+            torch.sub(source[start:stop], x_t[here], out=u)
+            stored[here].add_(u)  # Delta + u
+            u.mul_(scale_old).addcmul_(stored[here], grow)
+            if in_place:
+                torch.add(x_t[here], u, out=source[start:stop])
+            else:
+                x_t[here].add_(u)
+    if copied_back:
+        torch._foreach_copy_([x[i] for i in copied_back], [x_t_parts[i] for i in copied_back])
+
+
+def _chunk_groups(tensors: Sequence[Tensor], width: int) -> List[Tuple[int, int, int, int]]:
+    """Consecutive tensors in groups of at most `width` elements (a longer tensor alone), as (first
+    tensor, end, offset in the flat layout, elements)."""
+    groups: List[Tuple[int, int, int, int]] = []
+    first = offset = size = 0
+    for i, t in enumerate(tensors):
+        if size and size + t.numel() > width:
+            groups.append((first, i, offset, size))
+            first, offset, size = i, offset + size, 0
+        size += t.numel()
+    groups.append((first, len(tensors), offset, size))
+    return groups
 
 
 def _write_x(

@@ -161,11 +161,15 @@ def test_update_matches_float64(name, dtype, delta_layout, seed):
             torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
 
 
+@pytest.mark.parametrize("chunk", [16, 1 << 18])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("delta_layout", ["tiled", "delta_only", "recomputed"])
-def test_every_implementation_rounds_the_update_alike(dtype, delta_layout, seed):
+def test_every_implementation_rounds_the_update_alike(monkeypatch, dtype, delta_layout, chunk, seed):
     """One rounding order: eagerly, every implementation writes the same bits into x and Delta. (Triton
-    forms bfloat16 values in float32 and rounds once at the end: within one bfloat16 step of the others.)"""
+    forms bfloat16 values in float32 and rounds once at the end: within one bfloat16 step of the others.)
+    Chunks of 16 elements: the flat update without x_ref gathers groups of small tensors and reads the
+    long ones where they are, a chunk at a time."""
+    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
     if dtype == torch.bfloat16 and delta_layout == "recomputed":
         pytest.skip("Delta is always stored for bfloat16 parameters")
     results = {name: _step(name, dtype, seed, delta_layout, False)[4:] for name in IMPLS}
