@@ -414,7 +414,7 @@ def apply_update(
         _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
         return
     if x_ref is None:
-        _delta_only_update(x, x_t, x_t_parts, delta, scale, scale_old, workspace)
+        _delta_only_update(x, x_t, x_t_parts, delta, scale, scale_old, workspace, per_tensor)
         return
     torch._foreach_sub_(x_t_parts, x)  # w = -u
     stored = flat_view(delta)
@@ -433,6 +433,7 @@ def _delta_only_update(
     scale: Tensor,
     scale_old: Tensor,
     workspace: Optional[Workspace],
+    per_tensor: bool,
 ) -> None:
     """Delta += u; x = x_t + (S_old * u + (S - S_old) * Delta), x_t carrying the large part (a base step
     far larger than x, as a large base lr makes, then costs x no precision).
@@ -455,7 +456,7 @@ def _delta_only_update(
     if scratch is None:
         scratch = x_t.new_empty(min(width, x_t.numel()))
     copied_back: List[int] = []
-    for first, end, offset, size in _chunk_groups(x, width):
+    for first, end, offset, size in _chunk_groups(x, 0 if per_tensor else width):
         in_place = end - first == 1 and x[first].is_contiguous()  # a long tensor: read and written there
         if in_place:
             source = x[first].view(-1)

@@ -164,23 +164,29 @@ class StepLayout:
 
     @staticmethod
     def known_refs(state: Dict[Tensor, Any], params: List[Tensor]) -> Refs:
-        """The state entries of those of `params` that have Mechanic state (x_ref or Delta); refuses a
-        parameter whose shape no longer matches it (its `.data` replaced by a tensor of another size)."""
+        """The state entries of those of `params` that have Mechanic state (x_ref or Delta)."""
         refs = {}
         for p in params:  # one lookup each (tensors hash in Python)
             entry = state.get(p)
             if entry is not None and (_state.DELTA in entry or _state.X_REF in entry):
-                kept = entry.get(_state.DELTA, entry.get(_state.X_REF))
-                if kept.shape != p.shape:
-                    raise RuntimeError(
-                        f"a parameter's shape changed from {tuple(kept.shape)} to {tuple(p.shape)} after "
-                        "Mechanic's state for it was made (its .data was replaced by a tensor of another "
-                        "size), so its x_ref/Delta no longer fit it; nothing was changed. Make a new "
-                        "optimizer for the resized model, or delete that parameter's entry from "
-                        "optimizer.state so that Mechanic starts it afresh"
-                    )
                 refs[p] = entry
         return refs
+
+    @staticmethod
+    def check_shapes(state: Dict[Tensor, Any], params: List[Tensor]) -> None:
+        """Refuse, by name, a parameter whose shape no longer matches its Mechanic state (its `.data`
+        replaced by a tensor of another size). Run where a step's sums failed: not a cost of every step."""
+        for i, p in enumerate(params):
+            entry = state.get(p, {})
+            kept = entry.get(_state.DELTA, entry.get(_state.X_REF))
+            if kept is not None and kept.shape != p.shape:
+                raise RuntimeError(
+                    f"parameter {i} of this step changed shape from {tuple(kept.shape)} to "
+                    f"{tuple(p.shape)} after Mechanic's state for it was made (its .data was replaced by a "
+                    "tensor of another size), so its x_ref/Delta no longer fit it; nothing was changed. "
+                    "Make a new optimizer for the resized model, or delete that parameter's entry from "
+                    "optimizer.state so that Mechanic starts it afresh"
+                )
 
     @staticmethod
     def refs(

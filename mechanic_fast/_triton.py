@@ -108,6 +108,9 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     copy = None  # written by the kernel
     if copy_x and x is not None:
         copy = FlatCopy(x, workspace_buffer(workspace, "flat", (sum(numels),), x[0]))
+    stored = d.flat if isinstance(d, FlatCopy) else getattr(d, "flat", None)
+    if stored is not None and stored.numel() != sum(numels):  # the kernel reads raw memory: never past it
+        raise RuntimeError(f"inconsistent tensor sizes: {sum(numels)} elements against {stored.numel()}")
     blocks = _blocks(numels, device)
     table = _table(
         [

@@ -206,7 +206,11 @@ class Mechanic(torch.optim.Optimizer):
             )
             impls = [select_impl(cfg.backend, g.params, (g.grads, g.refs, g.deltas), g.numel) for g in groups]
             acc = _layout.acc_dtype(groups, entry["s"].dtype)
-            parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
+            try:
+                parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
+            except RuntimeError:
+                layout.check_shapes(self.state, params)  # a resized parameter, named
+                raise
             sums = layout.total(parts, device, acc, everything, partition)
             if cfg.skip_nonfinite and self._mechanic_skips(
                 sums, grads, layout.joins_others(everything, partition)

@@ -12,7 +12,7 @@ import mechanic_pytorch
 import numpy as np
 import pytest
 import torch
-from conftest import make_problem, max_rel
+from conftest import assert_same_snapshot, flatten, make_problem, max_rel
 from test_paper_reference import reference_trajectory
 
 import mechanic_fast.optimizer as optimizer_module
@@ -399,5 +399,7 @@ def test_messages_name_what_happened():
         mechanize(plain, betas=(0.9,))
     assert "checkpoint" not in str(refused.value)
     params[0].data = torch.ones(5)  # resized in place of the old tensor
-    with pytest.raises(RuntimeError, match=r"shape changed from \(3,\) to \(5,\).*nothing was changed"):
+    before = flatten(paper.state_dict())
+    with pytest.raises(RuntimeError, match=r"changed shape from \(3,\) to \(5,\).*nothing was changed"):
         paper.step()
+    assert_same_snapshot(before, flatten(paper.state_dict()))
