@@ -414,7 +414,7 @@ def apply_update(
         _write_x(x, x_t, x_t_parts, x_ref, ref, x_t_parts, new_neg, scale, -1, per_tensor)
         return
     if x_ref is None:
-        _delta_only_update(x, x_t, x_t_parts, delta, scale, scale_old, workspace, per_tensor)
+        _delta_only_update(x, x_t, x_t_parts, delta, scale, scale_old, workspace)
         return
     torch._foreach_sub_(x_t_parts, x)  # w = -u
     stored = flat_view(delta)
@@ -433,7 +433,6 @@ def _delta_only_update(
     scale: Tensor,
     scale_old: Tensor,
     workspace: Optional[Workspace],
-    per_tensor: bool,
 ) -> None:
     """Delta += u; x = x_t + (S_old * u + (S - S_old) * Delta), x_t carrying the large part (a base step
     far larger than x, as a large base lr makes, then costs x no precision).
@@ -452,11 +451,14 @@ def _delta_only_update(
         torch._foreach_add_(x, x_t_parts)
         return
     width = _sum_chunk(x_t.device)
-    scratch = workspace_buffer(workspace, "update_scratch", (min(width, x_t.numel()),), x_t)
+    size = min(width, x_t.numel())
+    # kept only where it is small beside the weights: a small model's scratch would be one more copy
+    kept = workspace if x_t.numel() >= 2 * width else None
+    scratch = workspace_buffer(kept, "update_scratch", (size,), x_t)
     if scratch is None:
-        scratch = x_t.new_empty(min(width, x_t.numel()))
+        scratch = x_t.new_empty(size)
     copied_back: List[int] = []
-    for first, end, offset, size in _chunk_groups(x, 0 if per_tensor else width):
+    for first, end, offset, size in _chunk_groups(x, width):
         in_place = end - first == 1 and x[first].is_contiguous()  # a long tensor: read and written there
         if in_place:
             source = x[first].view(-1)
