@@ -4,7 +4,7 @@ from mechanic_fast import mechanize
 opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=1e-3)
 """
 
-from ._api import is_mechanized, mechanic_scale, mechanize
+from ._api import is_mechanized, mechanic_log_values, mechanic_scale, mechanize
 from ._config import INDUCTOR_OPTIONS, MechanicConfig
 from .optimizer import Mechanic
 
@@ -14,6 +14,7 @@ __all__ = [
     "Mechanic",
     "MechanicConfig",
     "is_mechanized",
+    "mechanic_log_values",
     "mechanic_scale",
     "mechanize",
     "__version__",

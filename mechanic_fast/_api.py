@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor
 
-from . import _distributed, _torch
+from . import _distributed, _named, _torch
 from ._config import MechanicConfig, usual_lr
 from ._instance import mechanize_instance, unwrap
 from .optimizer import Mechanic, _default_log_func
@@ -29,8 +30,27 @@ def mechanic_scale(opt: Any) -> Tensor:
     return inner.mechanic_scale
 
 
-_UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
+def mechanic_log_values(opt: Any) -> Dict[str, Tensor]:
+    """What to log of a mechanized optimizer (also inside framework wrappers), as 0-d tensors on its
+    device, read without a host sync: ``mechanic/scale`` (S, as `mechanic_scale`) and
+    ``mechanic/effective_lr`` (S times group 0's lr), and ``mechanic/effective_lr/group_<i>`` for every
+    group where the groups' lrs differ."""
+    inner = unwrap(opt)
+    scale = mechanic_scale(inner)
+    lrs = [group["lr"] for group in inner.param_groups]
+    values = {"mechanic/scale": scale, "mechanic/effective_lr": scale * lrs[0]}
+    if any(not _same_lr(lr, lrs[0]) for lr in lrs[1:]):
+        values.update({f"mechanic/effective_lr/group_{i}": scale * lr for i, lr in enumerate(lrs)})
+    return values
+
+
+def _same_lr(a: Any, b: Any) -> bool:
+    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+
+
+_UNSUPPORTED = _named.UNSUPPORTED
 _CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = {}
+_NAMED: Dict[type, type] = {}  # mechanic_fast.optim's classes
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 
@@ -173,27 +193,19 @@ def mechanized_class(
     Base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], partition_group: Any = None
 ) -> type:
     """The mechanized subclass of `Base`, one per (base, options, log_func, partition group): an optimizer,
-    its deepcopy and its unpickled copy share it."""
+    its deepcopy and its unpickled copy share it. With the default options, a torch.optim base's is
+    the named class `mechanic_fast.optim.<Name>`."""
     cfg = dataclasses.replace(cfg, usual_lr=usual_lr(Base))  # the lr-invariant mode's unit for this base
+    if log_func is None and partition_group is None and _named.nameable(Base) and cfg == _default(Base):
+        return named_class(Base)
     key = (Base, cfg, log_func, partition_group)
     cls = _CLASSES.get(key)
     if cls is None:
-        # the base's own step, resolved once per class: without torch's step-hook wrapper (ours fires
-        # around the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks
-        # would split a compiled mechanized step in three (we apply its grad mode ourselves)
-        base_step, sets_grad_mode = _torch.unwrapped_step(Base.step)
         cls = _CLASSES[key] = type(
             f"Mechanized{Base.__name__}",
             (Mechanic, Base),
             {
-                "_mechanic_config": cfg,
-                "_mechanic_base_class": Base,
-                "_mechanic_log_func": staticmethod(log_func or _default_log_func),
-                "_mechanic_base_step_fn": staticmethod(base_step),
-                "_mechanic_base_sets_grad_mode": sets_grad_mode,
-                "_mechanic_partition_group": (
-                    None if partition_group is None else _distributed.GroupRef(partition_group)
-                ),
+                **_class_attributes(Base, cfg, log_func, partition_group),
                 "__qualname__": f"Mechanized{Base.__name__}",
                 "__module__": Mechanic.__module__,
             },
@@ -201,7 +213,82 @@ def mechanized_class(
     return cls
 
 
-def rebuild(base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]]) -> Mechanic:
-    """An empty instance of the mechanized class (pickle and deepcopy then set its state)."""
-    cls = mechanized_class(base, cfg, log_func)
-    return cls.__new__(cls)
+def _class_attributes(
+    Base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], partition_group: Any
+) -> Dict[str, Any]:
+    """What a mechanized class holds: its options and the base's own step."""
+    # the base's own step, resolved once per class: without torch's step-hook wrapper (ours fires around
+    # the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks would split a
+    # compiled mechanized step in three (we apply its grad mode ourselves)
+    base_step, sets_grad_mode = _torch.unwrapped_step(Base.step)
+    return {
+        "_mechanic_config": cfg,
+        "_mechanic_base_class": Base,
+        "_mechanic_log_func": staticmethod(log_func or _default_log_func),
+        "_mechanic_base_step_fn": staticmethod(base_step),
+        "_mechanic_base_sets_grad_mode": sets_grad_mode,
+        "_mechanic_partition_group": (
+            None if partition_group is None else _distributed.GroupRef(partition_group)
+        ),
+    }
+
+
+def _default(Base: type) -> MechanicConfig:
+    """The options `mechanize(Base)` settles with nothing given."""
+    defaults = {
+        name: p.default
+        for name, p in _OPTION_PARAMETERS.items()
+        if name not in ("log_func", "partition_group")
+    }
+    return dataclasses.replace(MechanicConfig(**defaults), usual_lr=usual_lr(Base))
+
+
+def named_class(Base: type) -> type:
+    """`mechanic_fast.optim.<Name>`: what `mechanize(Base)` gives with the default options, whose
+    options can also be given to its constructor (`_named`)."""
+    cls = _NAMED.get(Base)
+    if cls is None:
+        attributes = _class_attributes(Base, _default(Base), None, None)
+        cls = _NAMED[Base] = _named.build(Base, attributes, _OPTION_PARAMETERS, _instance_options)
+    return cls
+
+
+def _instance_options(Base: type, options: Dict[str, Any]) -> Dict[str, Any]:
+    """A named class's instance attributes for the Mechanic options given to its constructor, checked as
+    `mechanize` checks them."""
+    log_func = options.pop("log_func", None)
+    partition_group = options.pop("partition_group", None)
+    defaults = {
+        name: p.default
+        for name, p in _OPTION_PARAMETERS.items()
+        if name not in ("log_func", "partition_group")
+    }
+    cfg = _checked_options({**defaults, **options}, log_func)
+    if partition_group is not None:
+        _distributed.check_process_group(partition_group)
+    attributes = _class_attributes(
+        Base, dataclasses.replace(cfg, usual_lr=usual_lr(Base)), log_func, partition_group
+    )
+    attributes["_mechanic_log_func"] = log_func or _default_log_func
+    return {k: attributes[k] for k in ("_mechanic_config", "_mechanic_log_func", "_mechanic_partition_group")}
+
+
+def rebuild(
+    base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], named: Optional[type] = None
+) -> Mechanic:
+    """An empty instance of the mechanized class (pickle and deepcopy then set its state); a named class
+    keeps its name, with the options its instance was made with."""
+    if named is None:
+        cls = mechanized_class(base, cfg, log_func)
+        return cls.__new__(cls)
+    instance = named.__new__(named)
+    instance._mechanic_config = cfg
+    instance._mechanic_log_func = log_func or _default_log_func
+    return instance
+
+
+_OPTION_PARAMETERS = {
+    name: param
+    for name, param in inspect.signature(mechanize).parameters.items()
+    if name not in ("Base", "args", "options")
+}

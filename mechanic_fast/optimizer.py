@@ -92,7 +92,9 @@ class Mechanic(torch.optim.Optimizer):
         from ._api import rebuild
 
         log_func = None if self._mechanic_log_func is _default_log_func else self._mechanic_log_func
-        return (rebuild, (self._mechanic_base_class, self._mechanic_config, log_func), self.__getstate__())
+        named = type(self) if getattr(type(self), "_mechanic_named", False) else None
+        args = (self._mechanic_base_class, self._mechanic_config, log_func, named)
+        return (rebuild, args, self.__getstate__())
 
     def _mechanic_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
