@@ -5,34 +5,15 @@ their logs. Needs the `.[integration]` extra; each framework's test skips where 
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import pydoc
-from unittest import mock
 
 import pytest
 import torch
+from test_frameworks import _data, _framework_environment, _model  # noqa: F401 (an autouse fixture)
 
 import mechanic_fast.optim as mo
 from mechanic_fast import is_mechanized, mechanic_log_values, mechanic_scale, mechanize
-
-
-@pytest.fixture(autouse=True)
-def _framework_environment():
-    """Frameworks set environment variables of their own; they end with the test."""
-    with mock.patch.dict(os.environ):
-        yield
-
-
-def _data(n=64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=gen)
-    return x, torch.tanh(x[:, :3] * 1.5)
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
 def _train(model, opt, steps, start=0):
