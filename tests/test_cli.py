@@ -38,8 +38,8 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
     assert data["steps"] == 500  # quick: fewer lrs, not steps cut to noise
     for label in ("AdamW", "SGD"):
         header = (
-            f"| base lr | {label} | mechanized {label} | lr-invariant {label} "
-            "| effective lr S*lr, mechanized | effective lr, lr-invariant |"
+            f"| base lr | {label} | mechanized {label} | lr_invariant=False {label} "
+            "| effective lr S*lr, mechanized | effective lr, lr_invariant=False |"
         )
         lines = result.stdout.splitlines()
         start = lines.index(header)
@@ -55,21 +55,21 @@ def test_demo_quick_compares_plain_and_mechanized_per_lr(tmp_path):
             "0.1",
             f"best plain: {best['base_lr']:g}",
         ]
-        for row in rows[:3]:  # a plain, a mechanized and an lr-invariant loss on every row
+        for row in rows[:3]:  # a plain, a mechanized and a paper-variant loss on every row
             cells = [c.strip() for c in row.split("|")[1:-1]]
             assert len(cells) == 6 and all(cells), row
         conclusion = next(
             line for line in lines if line.startswith("Conclusion: over base lrs") and f" {label}'s" in line
         )
         assert "spread" in conclusion and f"mechanized {label}'s ranges" in conclusion
-        assert f"lr-invariant mechanized {label}'s ranges" in conclusion
+        assert "with lr_invariant=False (the paper variant)" in conclusion
         assert f"from the best plain {label} run" in conclusion and "the best of lrs" in conclusion
         runs = [r for r in data["runs"] if r["base"] == label]
         assert sorted((r["base_lr"], r["method"]) for r in runs) == sorted(
-            (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in ("plain", "mechanized", "invariant")
+            (lr, m) for lr in (1e-5, 1e-3, 0.1) for m in ("plain", "mechanized", "paper")
         )
-        inv = [r["effective_lr"] for r in runs if r["method"] == "invariant"]
-        assert max(inv) <= 1.05 * min(inv)  # the lr-invariant mode: one effective lr for every base lr
+        mech = [r["effective_lr"] for r in runs if r["method"] == "mechanized"]
+        assert max(mech) <= 1.05 * min(mech)  # the default (lr-invariant): one effective lr at every base lr
         for r in runs:
             assert len(r["train_loss"]) == 500
             if r["mechanized"]:
@@ -104,7 +104,7 @@ def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
         _fake_run(base, lr, m, nan if (base, lr, m) == ("SGD", 1.0, "plain") else 2.0 + lr)
         for base in ("AdamW", "SGD")
         for lr in (1e-3, 1.0)
-        for m in ("plain", "mechanized", "invariant")
+        for m in ("plain", "mechanized", "paper")
     ]
     refs = [{**_fake_run("AdamW", 1e-3, False, 2.001)}, {**_fake_run("SGD", 1e-3, False, 2.001)}]
     series = plot_series(runs, refs)
@@ -121,7 +121,9 @@ def test_plot_series_tell_bases_apart_and_mark_diverged_runs():
     assert sgd["diverged"] == [1.0] and sgd["x"] == [1e-3]
     labels = [s["label"] for s in loss if s["style"] != "hline"]
     assert labels == [
-        f"{m}{b}" for b in ("AdamW", "SGD") for m in ("plain ", "mechanized ", "lr-invariant mechanized ")
+        f"{m}{b}"
+        for b in ("AdamW", "SGD")
+        for m in ("plain ", "mechanized ", "lr_invariant=False mechanized ")
     ]
     assert len({s["style"] for s in loss if s["style"] != "hline"}) == 3  # three methods, three line styles
     assert all(not s.get("diverged") for s in loss if s is not sgd)

@@ -11,7 +11,8 @@ import torch
 
 BASE_COLORS = {"AdamW": ("C0", "Blues"), "SGD": ("C1", "Oranges")}
 
-METHOD_LABELS = {"plain": "", "mechanized": "mechanized ", "invariant": "lr-invariant mechanized "}
+# what each run trains, and how its name starts: plain, mechanize(Base) (the default), the paper variant
+METHOD_LABELS = {"plain": "", "mechanized": "mechanized ", "paper": "lr_invariant=False mechanized "}
 # the sweep's implementations, in the order of its tables
 # "foreach_fresh": keep_workspace=False (the accelerator default: no buffer kept between steps)
 IMPLS = ("base", "mechanic_pytorch", "foreach", "foreach_fresh", "base_compiled", "compiled", "triton")
@@ -21,14 +22,14 @@ def plot_series(runs: Sequence[Dict[str, Any]], references: Sequence[Dict[str, A
     """What the demo plot draws, as data: one entry per line, with its panel, label and style.
 
     Left panel: final loss against base lr, one colour per base (plain dashed, mechanized solid,
-    lr-invariant dash-dotted with triangles), the
+    lr_invariant=False dash-dotted with triangles), the
     base's best plain run as a dotted line in its colour, and diverged runs as an x at the top. One
     panel per base on the right: the effective lr S * lr over the steps, one shade per base lr."""
     series = []
     for ref in references:
         label = ref["base"]
         color, shades = BASE_COLORS.get(label, ("C2", "Greens"))
-        for method, style in (("plain", "o--"), ("mechanized", "s-"), ("invariant", "^-.")):
+        for method, style in (("plain", "o--"), ("mechanized", "s-"), ("paper", "^-.")):
             mine = sorted(
                 (r for r in runs if r["base"] == label and r["method"] == method),
                 key=lambda r: r["base_lr"],
