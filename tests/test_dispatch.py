@@ -58,10 +58,12 @@ def test_own_ops_are_constant_in_tensor_count_and_sync_free(options):
     few, many = mechanic_ops(10, **options), mechanic_ops(200, **options)
     assert few == many, (few, many)
     assert "_local_scalar_dense" not in few
-    # measured: 67 (paper, Delta stored: the float32 default), 70 (paper, Delta recomputed), 76 / 72
-    # (mechanic_pytorch, which reduces twice: its weight-decay term needs the parameters after the base
-    # step). 9 of them keep the tuner as it was on a step whose inner products overflow.
-    limit = 70 if options.get("variant", "paper") == "paper" else 78
+    # measured: 80 (paper, Delta stored: the float32 default, whose update slices and views each chunk
+    # of the flat buffers: a count per chunk of 2^18 elements, not per tensor), 70 (paper, Delta
+    # recomputed), 82 / 72 (mechanic_pytorch, which reduces twice: its weight-decay term needs the
+    # parameters after the base step). 9 of them keep the tuner as it was on a step whose inner
+    # products overflow.
+    limit = 80 if options.get("variant", "paper") == "paper" else 82
     assert sum(few.values()) <= limit, few
     assert sum(few.values()) > 0
 
