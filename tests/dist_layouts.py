@@ -73,8 +73,19 @@ def full_params(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def reference(out: int = 5, hidden: bool = True) -> dict:
-    """One process, the whole model and batch."""
+def in_gap(t: int) -> bool:
+    """Steps at which the first layer takes no step (its gradients set to None): a long gap while the
+    scale grows, and single skipped steps."""
+    return 4 <= t < 12 or t % 5 == 4
+
+
+def skip_first_layer(model: torch.nn.Module) -> None:
+    for p in model[0].parameters():
+        p.grad = None
+
+
+def reference(out: int = 5, hidden: bool = True, gaps: bool = False) -> dict:
+    """One process, the whole model and batch (with `gaps`, the first layer skips the steps `in_gap`)."""
     model = make_model(out, hidden)
     opt = make_opt(model.parameters())
     record: dict = {"scale": [], "params": [], "init": full_params(model)}
@@ -82,6 +93,8 @@ def reference(out: int = 5, hidden: bool = True) -> dict:
         x, y = batch(t, out)
         opt.zero_grad()
         loss_of(model(x), y, y.numel()).backward()
+        if gaps and in_gap(t):
+            skip_first_layer(model)
         opt.step()
         record["scale"].append(opt.mechanic_scale.item())
         record["params"].append(full_params(model))
@@ -89,7 +102,14 @@ def reference(out: int = 5, hidden: bool = True) -> dict:
 
 
 def _train(
-    model, opt, rank_batch: Callable, snapshot: Callable, out: int, after_step=None, summed: bool = False
+    model,
+    opt,
+    rank_batch: Callable,
+    snapshot: Callable,
+    out: int,
+    after_step=None,
+    summed: bool = False,
+    gaps: bool = False,
 ) -> dict:
     record: dict = {"scale": [], "params": []}
     for t in range(STEPS):
@@ -99,6 +119,8 @@ def _train(
         pred = model(x_local)
         pred = pred.to_local() if hasattr(pred, "to_local") else pred
         loss_of(pred, y_local, y.numel() if summed else y_local.numel()).backward()
+        if gaps and in_gap(t):
+            skip_first_layer(model)
         opt.step()
         if after_step is not None:
             after_step()
@@ -131,6 +153,13 @@ def layout_ddp(rank, world):
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     opt = make_opt(model.parameters())
     return _train(model, opt, _slice(rank, world), lambda: full_params(model), 5)
+
+
+def layout_fsdp2_gaps(rank, world):
+    """FSDP2 with the first layer's gradients set to None on some steps (a frozen or unrouted layer)."""
+    model = _fsdp2(rank, world)
+    opt = make_opt(model.parameters())
+    return _train(model, opt, _slice(rank, world), lambda: full_params(model), 5, gaps=True)
 
 
 def layout_fsdp2_empty_shards(rank, world):

@@ -30,13 +30,18 @@ LAYOUTS = {
     "zero_naive": 2,
     "partition": 2,
     "fsdp2_rank_holds_nothing": 2,
+    "fsdp2_gaps": 2,
     "fsdp2_empty_shards": 4,
     "fsdp2_tp": 4,
     "hsdp": 4,
     "fsdp1_hybrid": 4,
 }
 # the model each layout trains, as reference()'s arguments (out, hidden); the 12-16-5 MLP otherwise
-MODELS = {"fsdp2_bias_of_one": (1, True), "fsdp2_rank_holds_nothing": (1, False)}
+MODELS = {
+    "fsdp2_bias_of_one": (1, True),
+    "fsdp2_rank_holds_nothing": (1, False),
+    "fsdp2_gaps": (5, True, True),  # the first layer skips some steps (dist_layouts.in_gap)
+}
 CHECKPOINT_LAYOUTS = {"fsdp2_tp_dcp": 4}
 
 
