@@ -231,8 +231,8 @@ class Mechanic(torch.optim.Optimizer):
                 sums = sums + layout.total(post, device, acc, everything, partition)
             scales = _state.advance_tuner(entry, sums, layout.constants(cfg, entry["s"]), cfg)
             for grp, impl, copy in zip(groups, impls, copies):
-                # in the parameters' precision where it is higher (S - S_old, 1 - S_old of a float32 tuner
-                # lose digits that float64 parameters hold)
+                # in the parameters' precision where it is higher (S - S_old of a float32 tuner loses
+                # digits that float64 parameters hold)
                 like = grp.params[0]
                 wide = torch.promote_types(scales[0].dtype, like.dtype)
                 here = [t.to(like.device, wide, non_blocking=True) for t in scales]
