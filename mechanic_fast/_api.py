@@ -233,14 +233,18 @@ def _class_attributes(
     }
 
 
-def _default(Base: type) -> MechanicConfig:
-    """The options `mechanize(Base)` settles with nothing given."""
-    defaults = {
+def _default_options() -> Dict[str, Any]:
+    """`mechanize`'s defaults for the options a MechanicConfig holds."""
+    return {
         name: p.default
         for name, p in _OPTION_PARAMETERS.items()
         if name not in ("log_func", "partition_group")
     }
-    return dataclasses.replace(MechanicConfig(**defaults), usual_lr=usual_lr(Base))
+
+
+def _default(Base: type) -> MechanicConfig:
+    """The options `mechanize(Base)` settles with nothing given."""
+    return dataclasses.replace(MechanicConfig(**_default_options()), usual_lr=usual_lr(Base))
 
 
 def named_class(Base: type) -> type:
@@ -258,19 +262,16 @@ def _instance_options(Base: type, options: Dict[str, Any]) -> Dict[str, Any]:
     `mechanize` checks them."""
     log_func = options.pop("log_func", None)
     partition_group = options.pop("partition_group", None)
-    defaults = {
-        name: p.default
-        for name, p in _OPTION_PARAMETERS.items()
-        if name not in ("log_func", "partition_group")
-    }
-    cfg = _checked_options({**defaults, **options}, log_func)
+    cfg = _checked_options({**_default_options(), **options}, log_func)
     if partition_group is not None:
         _distributed.check_process_group(partition_group)
-    attributes = _class_attributes(
-        Base, dataclasses.replace(cfg, usual_lr=usual_lr(Base)), log_func, partition_group
-    )
-    attributes["_mechanic_log_func"] = log_func or _default_log_func
-    return {k: attributes[k] for k in ("_mechanic_config", "_mechanic_log_func", "_mechanic_partition_group")}
+    return {
+        "_mechanic_config": dataclasses.replace(cfg, usual_lr=usual_lr(Base)),
+        "_mechanic_log_func": log_func or _default_log_func,
+        "_mechanic_partition_group": (
+            None if partition_group is None else _distributed.GroupRef(partition_group)
+        ),
+    }
 
 
 def rebuild(

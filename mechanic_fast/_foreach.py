@@ -303,15 +303,7 @@ def _grouped_segments(
     tensors in groups of at most a chunk, each list gathered group by group into a chunk-sized scratch
     (a group of one tensor, as a tensor longer than a chunk is, is read where it is). With `x_out`, the
     second list (x) is gathered into its slice of `x_out` instead, which then holds the x_t copy."""
-    width = _sum_chunk(d.device)
-    groups: List[Tuple[int, int, int, int]] = []  # (first tensor, end, offset, elements)
-    first = offset = size = 0
-    for i, t in enumerate(rows[0]):
-        if size and size + t.numel() > width:
-            groups.append((first, i, offset, size))
-            first, offset, size = i, offset + size, 0
-        size += t.numel()
-    groups.append((first, len(rows[0]), offset, size))
+    groups = _chunk_groups(rows[0], _sum_chunk(d.device))
     longest = max(group[3] for group in groups)
     gathered = max((size for first, end, _, size in groups if end - first > 1), default=0)
     on_cpu = d.device.type == "cpu"

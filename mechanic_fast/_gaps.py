@@ -113,7 +113,7 @@ def restore(corrections: List[Correction]) -> None:
             c.x_ref.copy_(c.kept)
 
 
-def parse_record(value: Any, label: str) -> Optional[Tensor]:
+def parse_record(value: Any, label: str) -> Tensor:
     """A checkpoint's record, checked: a finite, non-negative, one-element floating tensor."""
     if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != 1:
         raise ValueError(f"{label} is not a one-element floating-point tensor")

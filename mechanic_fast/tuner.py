@@ -123,12 +123,12 @@ def step(
     state: TunerState, sums: Tensor, const: Constants, cfg: MechanicConfig, lr_ref: float = 1.0
 ) -> Tuple[TunerState, Tensor, Tensor, Tensor]:
     """The whole scalar part of a Mechanic step: (state, inner products) -> (new state, S_new, S_old,
-    S_old + eps).
+    denom).
 
     S_new multiplies Delta + u in the parameter update, S_old the Delta it replaces (x_ref not kept);
     S_old + eps (lr-invariant: S_old, `recompute_denom`) divides x_t - x_ref into Delta (Delta not stored).
     With lr_invariant the tuner runs in units of the reference lr (S~ = S * lr_ref), and the scales
-    returned are in the parameters' units: S~_new / lr_ref and (S~_old + eps) / lr_ref.
+    returned are in the parameters' units: S~_new / lr_ref, S~_old / lr_ref and `recompute_denom` / lr_ref.
     """
     scale_old = state.s.sum()
     new = update(state, inner_product(sums, scale_old, cfg, lr_ref), const, cfg)
