@@ -11,7 +11,7 @@ logging steps and with skip_nonfinite.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +24,19 @@ logger = logging.getLogger("mechanic_fast")
 
 
 _SKIPPED = object()  # a step skip_nonfinite skipped
+
+
+class _Gathered(NamedTuple):
+    """What `Mechanic._mechanic_step` found before the tuned part of the step (found once per step)."""
+
+    params: List[Tensor]  # with a gradient
+    grads: List[Tensor]
+    maximize: List[bool]
+    everything: List[Tensor]  # every parameter of the optimizer
+    refs: _layout.Refs
+    new_refs: bool
+    entry: Dict[str, Any]  # the tuner
+    joins_others: bool
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
@@ -163,10 +176,9 @@ class Mechanic(torch.optim.Optimizer):
 
         with torch.no_grad():
             corrections = _gaps.prepare(resumed, refs, entry, cfg) if resumed else []
+        gathered = _Gathered(params, grads, maximize, everything, refs, new_refs, entry, joins_others)
         try:
-            result = self._mechanic_tuned_step(
-                closure, loss, params, grads, maximize, refs, new_refs, cfg, bool(stopped)
-            )
+            result = self._mechanic_tuned_step(closure, loss, gathered, cfg, bool(stopped))
         except BaseException:
             _gaps.restore(corrections)  # a refused or failed step leaves the state as it was
             raise
@@ -188,20 +200,15 @@ class Mechanic(torch.optim.Optimizer):
         self,
         closure: Optional[Callable[[], Any]],
         loss: Any,
-        params: List[Tensor],
-        grads: List[Tensor],
-        maximize: List[bool],
-        refs: _layout.Refs,
-        new_refs: bool,
+        gathered: _Gathered,
         cfg: MechanicConfig,
         wants_applied: bool,
     ) -> Any:
         """The sums, the base step, the tuner and the update. Returns the base step's result and, if
         `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite) before
         anything changed."""
-        layout, everything = self._mechanic_layout, self._mechanic_params()
-        partition, entry = self._mechanic_partition_group, self._mechanic_tuner()
-        device = entry["s"].device
+        params, grads, maximize, everything, refs, new_refs, entry, joins_others = gathered
+        layout, partition, device = self._mechanic_layout, self._mechanic_partition_group, entry["s"].device
         with torch.no_grad():
             groups = layout.groups(
                 params, grads, refs, maximize, new_refs, cfg.store_delta, everything, cfg.keep_workspace
@@ -214,9 +221,7 @@ class Mechanic(torch.optim.Optimizer):
                 layout.check_shapes(self.state, params)  # a resized parameter, named
                 raise
             sums = layout.total(parts, device, acc, everything, partition)
-            if cfg.skip_nonfinite and self._mechanic_skips(
-                sums, grads, layout.joins_others(everything, partition)
-            ):
+            if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
                 return _SKIPPED  # nothing was committed yet
             if self._mechanic_lr_ref_pending:
                 _state.settle_lr_ref(entry, self.param_groups[0])
