@@ -95,14 +95,15 @@ def mechanize(
     Args:
         Base: a ``torch.optim.Optimizer`` subclass, or an optimizer instance.
         s_decay: lambda in the paper, the weight of the ``lambda * S * ||g|| / ||x|| * x`` term that
-            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01 for the paper
-            variant; 10 in the lr-invariant mode (in units of the reference lr: the paper's 0.01 at lr
-            1e-3), measured best for Adam-like bases and SGD alike.
+            Mechanic adds to the gradient in its inner product; 0 turns it off. None: 0.01, the paper's.
+            In the lr-invariant mode S there is measured against the tuner's own choice (S = 1), so that
+            lambda is dimensionless, the same for every base and lr.
         betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
             their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
             Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
-        s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch; in
-            the lr-invariant mode, the first effective lr relative to the reference lr: 1e-9).
+        s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch). In
+            the lr-invariant mode, the first effective lr at the reference lr (None: 1e-3 of the base's
+            usual lr: 1e-6 for Adam-like bases, 1e-4 for SGD).
         eps: floor of the tuner's divisions.
         store_delta: keep Delta as state (True, the default; float32/float64 parameters then keep no
             x_ref: one copy of the weights in all) or keep x_ref and recompute Delta as (x - x_ref) / S

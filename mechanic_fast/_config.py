@@ -15,13 +15,11 @@ BACKENDS = ("auto", "foreach", "triton")
 # Each variant's own default for s_init (with 1e-8 the paper math starts far slower).
 DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
 DEFAULT_S_DECAY = 0.01
-# The lr-invariant mode measures S and lambda in units of the reference lr (docs/lr_invariant.md; the
-# tuner's eps stays as it is, in the tuner's own units). Its constants are the paper's at lr 1e-3, for
-# Adam-like bases and SGD alike: at 1500 steps lambda 10 was the best or within 0.5% of the best of 10, 1,
-# 0.1, 0 on every task for both, and SGD's s_init at its own usual lr (1e-7) did better on one task
-# and worse on another, with a worse worst case (bench/lr_default.py, docs/lr_invariant.md).
-INVARIANT_S_INIT = 1e-9
-INVARIANT_S_DECAY = 10.0
+# The lr-invariant mode (docs/lr_invariant.md) measures S in units of the reference lr and reads lambda as
+# the paper's, dimensionless, so both modes share DEFAULT_S_DECAY. Its first effective lr is 1e-3 of the
+# base's usual lr (1e-6 for Adam-like bases, 1e-4 for SGD); the paper's s_init at the usual lr, 1e-6 of
+# it, took hundreds of steps to climb to a working lr (bench/fast_right.py, docs/lr_invariant.md).
+INVARIANT_S_INIT_FRACTION = 1e-3
 # The base's usual lr: the lr-invariant mode's reference where group 0's lr is 0 when the tuner is made
 # (a warmup's first lr): 1e-3 for Adam-like bases, whose updates are normalised, 0.1 for SGD.
 ADAM_LIKE_LR = 1e-3
@@ -35,7 +33,7 @@ def usual_lr(base: type) -> float:
 
 @dataclass(frozen=True)
 class MechanicConfig:
-    s_decay: Optional[float] = None  # lambda in the paper; None: 0.01 (lr-invariant: 10, `resolved`)
+    s_decay: Optional[float] = None  # lambda in the paper; None: 0.01
     betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
     s_init: Optional[float] = None
     eps: float = 1e-8
@@ -112,15 +110,14 @@ class MechanicConfig:
 
     def resolved(self, invariant: bool) -> MechanicConfig:
         """This config for a tuner in the given mode: `lr_invariant` set, and `s_init` and `s_decay` left
-        at None given that mode's defaults (the variant's; in the lr-invariant mode, in units of the
-        reference lr, INVARIANT_S_INIT and INVARIANT_S_DECAY)."""
-        s_init = INVARIANT_S_INIT if invariant else DEFAULT_S_INIT[self.variant]
-        s_decay = INVARIANT_S_DECAY if invariant else DEFAULT_S_DECAY
+        at None given that mode's defaults (the variant's; in the lr-invariant mode s_init is a value of
+        the effective lr, INVARIANT_S_INIT_FRACTION of the base's usual lr)."""
+        s_init = INVARIANT_S_INIT_FRACTION * self.usual_lr if invariant else DEFAULT_S_INIT[self.variant]
         return replace(
             self,
             lr_invariant=invariant,
             s_init=s_init if self.s_init is None else self.s_init,
-            s_decay=s_decay if self.s_decay is None else self.s_decay,
+            s_decay=DEFAULT_S_DECAY if self.s_decay is None else self.s_decay,
         )
 
 

@@ -2,7 +2,7 @@
 class path in a config file: torchtune's ``_component_``, LightningCLI's ``--optimizer``, Hydra's
 ``_target_``, transformers' ``optimizer_cls_and_kwargs``.
 
-    mechanic_fast.optim.AdamW(params, lr=1e-3, weight_decay=0.01, mechanic_s_decay=10.0)
+    mechanic_fast.optim.AdamW(params, lr=1e-3, weight_decay=0.01, mechanic_s_decay=0.03)
 
 `mechanic_fast.optim.AdamW` is `mechanize(torch.optim.AdamW)` itself: a subclass of both, picklable by
 name. Mechanic's options are keyword arguments prefixed ``mechanic_`` (``mechanic_betas`` is Mechanic's,

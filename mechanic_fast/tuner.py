@@ -69,11 +69,14 @@ def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig, lr_ref: floa
     or d = Delta itself when Delta is stored (store_delta=True).
 
     With lr_invariant, `scale` is the tuner's S~ = S * lr_ref and Delta~ = Delta / lr_ref: for a base
-    whose update is proportional to lr, both and so h are the same whatever the lr's overall size.
+    whose update is proportional to lr, both and so h are the same whatever the lr's overall size. There
+    the S in g_hat is read as the paper's, a multiple of a well-chosen lr, measured against the tuner's own
+    choice: S = 1, so that lambda is dimensionless and the same for every base and lr.
     """
     delta_grad, delta_param, grad_sq, param_sq = sums.unbind()
     # scale enters in the sums' precision (float64 for float64 parameters), as in both references
-    decay = s_decay(cfg) * scale.to(sums.dtype) * grad_sq.sqrt() / (param_sq.sqrt() + cfg.eps)
+    weight = s_decay(cfg) if cfg.lr_invariant else s_decay(cfg) * scale.to(sums.dtype)
+    decay = weight * grad_sq.sqrt() / (param_sq.sqrt() + cfg.eps)
     h = delta_grad + decay * delta_param
     if not cfg.store_delta:
         # Delta = d / (S + eps) as optax has it; Delta~ = d / S~ in the lr-invariant mode (`recompute_denom`)
@@ -84,9 +87,10 @@ def inner_product(sums: Tensor, scale: Tensor, cfg: MechanicConfig, lr_ref: floa
 def recompute_denom(scale: Tensor, cfg: MechanicConfig) -> Tensor:
     """What x - x_ref is divided by to recover Delta when it is not stored, in the tuner's units.
 
-    The paper and optax divide by S + eps; the lr-invariant mode by S~ itself, which starts at 1e-9, below
-    eps, so that eps would shrink Delta there by up to 10x. S~ > 0 there (s_init > 0 and m >= eps keep
-    every s_j > 0); the clamp only keeps an underflowed S~ (x = x_ref, so 0 / tiny = 0) finite."""
+    The paper and optax divide by S + eps; the lr-invariant mode by S~ itself: S~ is a value of the
+    effective lr, which can be of the order of eps (an s_init of 1e-9 would be shrunk 10x), and eps in those
+    units would break the invariance. S~ > 0 there (s_init > 0 and m >= eps keep every s_j > 0); the clamp
+    only keeps an underflowed S~ (x = x_ref, so 0 / tiny = 0) finite."""
     if cfg.lr_invariant:
         return scale.clamp_min(torch.finfo(scale.dtype).tiny)
     return scale + cfg.eps

@@ -62,8 +62,8 @@ def test_s_init_defaults_per_variant():
     params = [torch.nn.Parameter(torch.zeros(3))]
     paper = mechanize(torch.optim.SGD, lr_invariant=False)(params, lr=0.1)
     assert paper.mechanic_scale.item() == pytest.approx(6e-6)
-    # the lr-invariant default: 6 tuners at 1e-9 of the reference lr (group 0's, 0.1)
-    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-8)
+    # the lr-invariant default: 6 tuners at 1e-3 of SGD's usual lr (1e-4), in units of the reference lr 0.1
+    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-3)
     assert mechanize(torch.optim.SGD, variant="mechanic_pytorch")(params, lr=0.1).mechanic_scale.item() == 0.0
 
 
@@ -79,12 +79,17 @@ def test_log_numbering_continues_from_a_checkpoint_saved_without_logging():
 
 
 @pytest.mark.parametrize(
-    "variant,before,after",
-    [("paper", 6e-6, 1e-6), ("mechanic_pytorch", 0.0, sum(1 - 10.0**-i for i in range(1, 7)) * 1e-6 / 6)],
+    "options,before,after",
+    [
+        ({}, 6e-3, 1e-3),  # the default at Adam's usual lr: a first effective lr of 1e-6
+        ({"lr_invariant": False}, 6e-6, 1e-6),
+        ({"variant": "mechanic_pytorch"}, 0.0, sum(1 - 10.0**-i for i in range(1, 7)) * 1e-6 / 6),
+    ],
+    ids=["default", "paper", "mechanic_pytorch"],
 )
-def test_scale_before_and_after_the_first_step_is_what_the_readme_says(variant, before, after):
+def test_scale_before_and_after_the_first_step_is_what_the_docs_say(options, before, after):
     w = torch.nn.Parameter(torch.randn(5))
-    opt = mechanize(torch.optim.Adam, variant=variant)([w], lr=1e-3)
+    opt = mechanize(torch.optim.Adam, **options)([w], lr=1e-3)
     assert opt.mechanic_scale.item() == pytest.approx(before, rel=1e-6)
     w.grad = torch.randn(5)
     opt.step()

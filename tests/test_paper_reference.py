@@ -14,6 +14,16 @@ from mechanic_fast import mechanize
 BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 
 
+def default_mode(Base, lr):
+    """`reference_trajectory`'s arguments for mechanize(Base)'s lr-invariant default at base lr `lr` (its
+    reference lr), in the paper's units: S = S~ / lr, so s_init / lr; the lambda term at S = 1; Delta
+    recomputed without eps. The tuner's eps stays in other units, so the two agree to about 1e-5."""
+    from mechanic_fast import mechanize
+
+    s_init = mechanize(Base)._mechanic_config.resolved(True).s_init
+    return dict(s_init=s_init / lr, unit_decay=True, recompute_eps=0.0)
+
+
 def reference_trajectory(
     problem,
     Base,
@@ -28,6 +38,7 @@ def reference_trajectory(
     after_step=None,
     gaps=None,
     recompute_eps=None,
+    unit_decay=False,
 ):
     """Obviously-correct float64 Mechanic: Python loops, one tensor at a time, Python floats for the tuner.
 
@@ -35,6 +46,7 @@ def reference_trajectory(
     index is in `frozen` never get a gradient, nor, at step t, those in `gaps(t)`. A parameter takes part
     only in the steps where it has a gradient, and then x = x_ref + S * Delta (Delta not stored:
     (x_t - x_ref) / (S_p + `recompute_eps`, default eps), S_p the S its x was last made with).
+    `unit_decay`: the lambda term at S = 1, as the lr-invariant default has it (`default_mode`).
     """
     all_x = problem.params()
     base = make_base(all_x) if make_base else Base(all_x, **kwargs)
@@ -64,7 +76,8 @@ def reference_trajectory(
                 delta = [(x_all[k] - x_ref[k]) / (made_with[k] + eps_r) for k in active]
             g_norm = math.sqrt(sum((gi * gi).sum().item() for gi in g))
             x_norm = math.sqrt(sum((p * p).sum().item() for p in x))
-            g_hat = [gi + s_decay * S * g_norm / (x_norm + eps) * p for gi, p in zip(g, x)]
+            weight = s_decay * (1.0 if unit_decay else S)
+            g_hat = [gi + weight * g_norm / (x_norm + eps) * p for gi, p in zip(g, x)]
             h = sum((d * gh).sum().item() for d, gh in zip(delta, g_hat))
             x_t = [p.clone() for p in x]
         base.step()

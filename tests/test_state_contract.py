@@ -95,7 +95,7 @@ def test_state_dict_hooks_see_and_can_replace_mechanics_state():
 def test_renumbered_ids_and_non_parameter_keys_load_as_in_torch():
     problem, x, opt = _trained()
     opt.state["my_counter"] = 3
-    sd = opt.state_dict()
+    sd = copy.deepcopy(opt.state_dict())  # torch's load keeps tensors of the right dtype: not shared with opt
     renumber = {i: 1000 + 7 * i for i in range(len(x))}
     sd = {
         "state": {renumber.get(k, k): v for k, v in sd["state"].items()},
