@@ -102,8 +102,8 @@ def mechanize(
             their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
             Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
         s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch). In
-            the lr-invariant mode, the first effective lr at the reference lr (None: 1e-3 of the base's
-            usual lr: 1e-6 for Adam-like bases, 1e-4 for SGD).
+            the lr-invariant mode, the first effective lr at the reference lr (None: 1e-2 of the base's
+            usual lr: 1e-5 for Adam-like bases, 1e-3 for SGD).
         eps: floor of the tuner's divisions.
         store_delta: keep Delta as state (True, the default; float32/float64 parameters then keep no
             x_ref: one copy of the weights in all) or keep x_ref and recompute Delta as (x - x_ref) / S

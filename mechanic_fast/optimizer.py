@@ -125,7 +125,7 @@ class Mechanic(torch.optim.Optimizer):
 
         The effective learning rate of a group is ``mechanic_scale * group["lr"]``. Before the first step
         it reads n * s_init for the paper variant (every one of the n tuners starts at s_init; in the
-        lr-invariant default, n * s_init / lr_ref: 6e-3 for Adam at lr 1e-3) and 0 for mechanic_pytorch;
+        lr-invariant default, n * s_init / lr_ref: 6e-2 for Adam at lr 1e-3) and 0 for mechanic_pytorch;
         neither is applied to any update. After the first step (where Delta = 0, so h = 0) the paper
         variant has S = s_init exactly (s_init / lr_ref in the lr-invariant mode), the scale of the first
         update; mechanic_pytorch has

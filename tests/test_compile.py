@@ -43,10 +43,12 @@ def test_whole_step_compiles_to_at_most_two_graphs_without_recompiles():
     assert bare_frames[-1] == 1
     # one graph for the first step (it creates Mechanic's state), one for every later step
     assert frames[-1] <= 2 and frames[1] == frames[-1], frames
-    assert eager_opt.mechanic_scale > 1e-4  # the tuner moved far from s_init = 1e-6
+    assert eager_opt.mechanic_scale > 1  # the tuner moved far from its first S, 1e-2 (s_init / lr)
     torch.testing.assert_close(compiled_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
+    # torch's compiled AdamW rounds differently from its eager one (its float32 step count), and the
+    # tuner's feedback carries that into every weight: within 1e-5 of the weights' size (about 1)
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["paper", "mechanic_pytorch"])
@@ -56,10 +58,10 @@ def test_compile_option_gives_the_eager_result(variant):
         lambda ps: mechanize(torch.optim.AdamW, variant=variant, compile=True)(ps, lr=1e-3)
     )
     assert comp_opt._mechanic_compiled is not None  # the whole step, base included, compiled
-    assert eager_opt.mechanic_scale > 1e-4
+    assert eager_opt.mechanic_scale > (1 if variant == "paper" else 1e-4)  # far from its first S
     torch.testing.assert_close(comp_opt.mechanic_scale, eager_opt.mechanic_scale, rtol=1e-5, atol=0)
     for a, b in zip(comp, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # as above
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

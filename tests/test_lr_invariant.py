@@ -58,11 +58,12 @@ def _max_rel(a, b):
 @pytest.mark.parametrize("base", list(BASES))
 def test_a_global_rescaling_of_the_lr_changes_nothing(base, mode, seed):
     """The lr-invariant mode, asked for or the default."""
-    a = 1e-4
-    invariant = _max_rel(_run(base, a, seed, **mode)[0], _run(base, 1000 * a, seed, **mode)[0])
-    assert invariant <= 1e-9, (invariant, seed)  # float64 rounding, amplified over 50 steps
+    a, steps = 1e-4, 30  # later, SGD at the scale it finds turns chaotic here and amplifies any rounding
+    invariant = _max_rel(_run(base, a, seed, steps, **mode)[0], _run(base, 1000 * a, seed, steps, **mode)[0])
+    assert invariant <= 1e-9, (invariant, seed)  # float64 rounding, amplified by the tuner's feedback
     paper = _max_rel(
-        _run(base, a, seed, lr_invariant=False)[0], _run(base, 1000 * a, seed, lr_invariant=False)[0]
+        _run(base, a, seed, steps, lr_invariant=False)[0],
+        _run(base, 1000 * a, seed, steps, lr_invariant=False)[0],
     )
     assert paper > 1e-2, (paper, seed)  # the same test, failed by the paper variant
 
@@ -72,7 +73,7 @@ def test_the_default_is_the_paper_tuner_measured_in_effective_lr(seed):
     lr (the paper's s_init is a multiple of the lr) and lambda 0 (the one term whose form differs), both
     are the same run, to the tuner's eps, which the modes measure in different units."""
     default = _run("adamw", 1e-3, seed, s_decay=0.0)[0]
-    paper = _run("adamw", 1e-3, seed, lr_invariant=False, s_decay=0.0, s_init=1e-3)[0]
+    paper = _run("adamw", 1e-3, seed, lr_invariant=False, s_decay=0.0, s_init=1e-2)[0]
     assert _max_rel(default, paper) < 1e-3
 
 
@@ -138,11 +139,11 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="lr_invariant must be None or a bool"):
         mechanize(torch.optim.AdamW, lr_invariant="yes")
     cls = mechanize(torch.optim.AdamW, lr_invariant=True)
-    # the paper's lambda for every base; the first effective lr 1e-3 of the base's usual lr
+    # the paper's lambda for every base; the first effective lr 1e-2 of the base's usual lr
     adam = cls._mechanic_config.resolved(True)
-    assert adam.s_init == pytest.approx(1e-6) and adam.s_decay == pytest.approx(0.01)
+    assert adam.s_init == pytest.approx(1e-5) and adam.s_decay == pytest.approx(0.01)
     sgd = mechanize(torch.optim.SGD)._mechanic_config.resolved(True)
-    assert sgd.s_init == pytest.approx(1e-4) and sgd.s_decay == pytest.approx(0.01)
+    assert sgd.s_init == pytest.approx(1e-3) and sgd.s_decay == pytest.approx(0.01)
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
 
