@@ -76,3 +76,34 @@ def test_lr_invariance_script_reports_the_three_methods():
     for first, second in zip(rows[0::2], rows[1::2]):
         a, b = float(first[3]), float(second[3])
         assert abs(a - b) <= 1e-3 * abs(b), out.stdout
+
+
+def test_fast_right_runs_and_its_ratios_are_the_runs(tmp_path):
+    """bench/fast_right.py on a few steps: every method runs, the ratios are the runs' losses over the
+    references', and --tables rebuilds the same table from the saved runs."""
+    import json
+
+    script = str(ROOT / "bench" / "fast_right.py")
+    out = tmp_path / "runs.json"
+    args = ["--tasks", "regress", "--bases", "sgd", "--horizons", "3,5", "--seeds", "1", "--jobs", "1"]
+    result = subprocess.run(
+        [sys.executable, script, *args, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_LIMIT_S,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = json.loads(out.read_text())
+    first = next(r for r in saved["rows"] if r["steps"] == 3)
+    runs = [r for r in saved["runs"] if r["method"] == "mechanic_pytorch"]
+    assert len(runs) == 7 and all(list(r["res"]) == ["3"] for r in runs)  # to the first horizon only
+    best = min(r["res"]["3"][0] for r in runs)
+    default = first["mechanics"]["default"]
+    assert default["fast"] == default["train"] / best
+    tuned = min(r["res"]["3"][1] for r in saved["runs"] if r["method"] == "tuned")
+    assert default["right"] == default["held_out"] / tuned
+    tables = subprocess.run(
+        [sys.executable, script, "--tables", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S
+    )
+    assert tables.returncode == 0 and tables.stdout.strip() in result.stdout, tables.stderr
