@@ -37,10 +37,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lr_default  # noqa: E402
+import lr_invariance  # noqa: E402
 
+# lr_invariance's bases (its "sgd" has momentum 0.9) and plain SGD
 BASES = {
-    "adamw": (torch.optim.AdamW, dict(weight_decay=0.01)),
-    "sgdm": (torch.optim.SGD, dict(momentum=0.9)),
+    "adamw": lr_invariance.BASES["adamw"],
+    "sgdm": lr_invariance.BASES["sgd"],
     "sgd": (torch.optim.SGD, {}),
 }
 MP_LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]

@@ -128,8 +128,8 @@ class Mechanic(torch.optim.Optimizer):
         lr-invariant default, n * s_init / lr_ref: 6e-2 for Adam at lr 1e-3) and 0 for mechanic_pytorch;
         neither is applied to any update. After the first step (where Delta = 0, so h = 0) the paper
         variant has S = s_init exactly (s_init / lr_ref in the lr-invariant mode), the scale of the first
-        update; mechanic_pytorch has
-        S = sum(beta_j) * 1e-6 * (s_init / n) / eps (9.8e-7 with its defaults).
+        update; mechanic_pytorch has S = sum(beta_j) * 1e-6 * (s_init / n) / eps (9.8e-7 with its
+        defaults).
         """
         entry = self._mechanic_tuner()
         scale = tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config)

@@ -64,7 +64,7 @@ def _fixed_gradient_run(dtype, Base, kwargs, lr, steps, seed, n=1000, step=None,
         params[0].grad = g[: n // 4].reshape(10, -1).to(dtype)
         params[1].grad = g[n // 4 :].to(dtype)
         run_step()
-        scales.append(opt.param_groups[0]["mechanic"]["s"].sum() / opt.param_groups[0]["mechanic"]["lr_ref"])
+        scales.append(opt.mechanic_scale)
         x, before = torch.cat([p.detach().reshape(-1) for p in params]), x
         path += (x - before).abs().double()
     return x, x0, path, max(scales).item()
