@@ -265,7 +265,8 @@ def test_parameters_that_skip_steps_in_float32_and_bfloat16(dtype, options, seed
         moved = (b.detach() - problem.params()[i].detach()).abs().max()
         error = (a.detach().double() - b.detach()).abs().max()
         # bfloat16: gradients taken at bfloat16 weights, so the run drifts from the float64 one by feedback
-        share = 0.02 if dtype == torch.float32 else 0.2
+        # (up to 0.28 of the displacement over 40 seeds, 0.08 typical); the stale-S defect shows in float32
+        share = 0.02 if dtype == torch.float32 else 0.4
         limit = share * moved + 2 * torch.finfo(dtype).eps * b.detach().abs().max()
         assert error <= limit, (seed, i, error, moved)
 
