@@ -93,7 +93,9 @@ def cases() -> Dict[str, Dict[str, Any]]:
                         opts["lr_invariant"] = False
                     elif variant == "mechanic_pytorch":
                         opts["variant"] = "mechanic_pytorch"
-                    out[f"{dname}/{sname}/{base}/{variant}"] = dict(shapes=shapes, dtype=dtype, base=base, **opts)
+                    out[f"{dname}/{sname}/{base}/{variant}"] = dict(
+                        shapes=shapes, dtype=dtype, base=base, **opts
+                    )
             out[f"{dname}/{sname}/skip+maximize"] = dict(shapes=shapes, dtype=dtype, skip=True, maximize=True)
             if dtype != torch.bfloat16:
                 out[f"{dname}/{sname}/recomputed"] = dict(shapes=shapes, dtype=dtype, store_delta=False)
@@ -114,7 +116,9 @@ def cases() -> Dict[str, Dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--save")
     parser.add_argument("--compare")
     parser.add_argument("--no-compile", action="store_true")

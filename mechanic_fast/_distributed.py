@@ -18,7 +18,7 @@ Plain tensors (single process, DDP) give () and cost nothing.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -95,6 +95,59 @@ def all_reduce(sums: Tensor, groups: Domain) -> Tensor:
     for group in groups:
         dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=group)
     return wide.to(sums.dtype)
+
+
+class Reduction:
+    """How one optimizer's per-group sums become global: every parameter's domain (`domain`; found once
+    while the same parameters stay) and the optimizer's partition group."""
+
+    def __init__(self) -> None:
+        # every parameter's reduction domain and the distinct non-empty ones, keyed by parameter ids
+        self._domains: Optional[Tuple[Tuple[int, ...], Dict[int, Domain], List[Domain]]] = None
+
+    def domains(self, params: List[Tensor]) -> Tuple[Dict[int, Domain], List[Domain]]:
+        """Every parameter's reduction domain, with or without a gradient, and the distinct non-empty
+        ones in parameter order: a rank whose piece of a parameter is empty, or has no gradient, still
+        joins the collectives of its domain, in the order the other ranks issue them."""
+        key = tuple(map(id, params))
+        if self._domains is not None and self._domains[0] == key:
+            return self._domains[1], self._domains[2]
+        fsdp1 = fsdp1_domains(params)
+        domains = {id(p): domain(p, fsdp1) for p in params}
+        ordered = [d for d in dict.fromkeys(domains.values()) if d]
+        if not torch.compiler.is_compiling():
+            self._domains = (key, domains, ordered)
+        return domains, ordered
+
+    def joins_others(self, params: List[Tensor], partition: Optional[GroupRef]) -> bool:
+        """Whether this optimizer's sums are added over ranks (its steps are collective)."""
+        return partition is not None or bool(self.domains(params)[1])
+
+    def total(
+        self,
+        parts: List[Tuple[Tensor, Domain]],
+        device: torch.device,
+        acc_dtype: torch.dtype,
+        params: List[Tensor],
+        partition: Optional[GroupRef],
+    ) -> Tensor:
+        """Per-group sums added on the tuner's device: one all-reduce per reduction domain (one in all for
+        FSDP2), never one per tensor, then one over the `partition` group if there is one. Every domain
+        of the optimizer joins, with zeros where this rank holds nothing of it, so that all ranks issue
+        the same collectives in the same order."""
+        by_domain: Dict[Domain, List[Tensor]] = {d: [] for d in self.domains(params)[1]}
+        if not by_domain and not parts:  # nothing here: this rank still joins the partition's collective
+            by_domain[()] = []
+        for sums, reduce_over in parts:
+            by_domain.setdefault(reduce_over, []).append(sums.to(device, non_blocking=True))
+        totals = []
+        for reduce_over, sums_list in by_domain.items():
+            if not sums_list:
+                sums_list = [torch.zeros(4, dtype=acc_dtype, device=device)]
+            total = torch.stack(sums_list).sum(0) if len(sums_list) > 1 else sums_list[0]
+            totals.append(all_reduce(total, reduce_over))
+        total = torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
+        return total if partition is None else all_reduce(total, (partition.group,))
 
 
 def check_process_group(group: Any) -> None:

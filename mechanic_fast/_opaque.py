@@ -9,12 +9,14 @@ many small tensors (bench/compile_times.py and bench/compiled_sums_ab.py measure
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _foreach, _pertensor
+from ._buffers import ListCopy, Workspace
+from ._plan import Implementation
 
 _LIB = torch.library.Library("mechanic_fast", "DEF")  # the namespace, held for the process
 # The low-level API: `torch.library.custom_op`'s Python wrapper checks list arguments tensor by tensor.
@@ -50,10 +52,24 @@ _LIB.impl("inner_products", _inner_products, "CompositeExplicitAutograd")
 torch.library.register_fake("mechanic_fast::inner_products", _inner_products_fake, lib=_LIB)
 
 
-def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
-    """`_foreach.inner_products` through the op; the copy of x is `_pertensor`'s (a list)."""
+def inner_products(
+    d: Any,
+    d_ref: Optional[Sequence[Tensor]],
+    g: Optional[Sequence[Tensor]],
+    x: Optional[Sequence[Tensor]],
+    *,
+    acc_dtype: torch.dtype,
+    x_sums: bool = True,
+    copy_x: bool = False,
+    workspace: Optional[Workspace] = None,
+) -> Tuple[Tensor, Optional[ListCopy]]:
+    """`_foreach.inner_products` through the op; the copy of x is `_pertensor`'s."""
     copy = _pertensor.copy_of(x, copy_x)
+    d = d.tensors if isinstance(d, ListCopy) else d
     sums = torch.ops.mechanic_fast.inner_products(
         list(d), list(d_ref or ()), list(g or ()), list(x or ()), acc_dtype, x_sums
     )
     return sums, copy
+
+
+PER_TENSOR_OPAQUE_SUMS = Implementation("per_tensor_opaque_sums", inner_products, _pertensor.apply_update)

@@ -10,19 +10,21 @@ torch has no multi-tensor dot product).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._foreach import FlatCopy, TensorList, TensorsOrCopy
+from ._buffers import FlatCopy, ListCopy, TensorList, Workspace
+from ._plan import Implementation
 
 
-def _tensors(tensors: TensorsOrCopy) -> TensorList:
-    """The tensors as a plain list; a flat copy made by the flat implementation is refused."""
+def _tensors(tensors: Any) -> TensorList:
+    """The tensors as a plain list (a `ListCopy`'s); a flat copy made by the flat implementation is
+    refused."""
     if isinstance(tensors, FlatCopy):
         raise TypeError("the per-tensor implementation takes lists of tensors, not a flat copy")
-    return list(tensors)
+    return list(tensors.tensors if isinstance(tensors, ListCopy) else tensors)
 
 
 def _dots(a: TensorList, b: TensorList, acc_dtype: torch.dtype) -> Tensor:
@@ -31,12 +33,22 @@ def _dots(a: TensorList, b: TensorList, acc_dtype: torch.dtype) -> Tensor:
     return torch.stack([(p.to(acc_dtype) * q.to(acc_dtype)).sum() for p, q in zip(a, b)]).sum()
 
 
-def copy_of(x: Optional[Sequence[Tensor]], copy_x: bool) -> Optional[TensorList]:
+def copy_of(x: Optional[Sequence[Tensor]], copy_x: bool) -> Optional[ListCopy]:
     """The x_t copy of the per-tensor implementations."""
-    return [t.clone() for t in x] if copy_x and x is not None else None
+    return ListCopy(x) if copy_x and x is not None else None
 
 
-def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
+def inner_products(
+    d: Any,
+    d_ref: Optional[Sequence[Tensor]],
+    g: Optional[Sequence[Tensor]],
+    x: Optional[Sequence[Tensor]],
+    *,
+    acc_dtype: torch.dtype,
+    x_sums: bool = True,
+    copy_x: bool = False,
+    workspace: Optional[Workspace] = None,
+) -> Tuple[Tensor, Optional[ListCopy]]:
     """``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` and, with ``copy_x``, a copy of x (see `_foreach`)."""
     d = _tensors(d)
     x = _tensors(x) if x is not None else None
@@ -51,7 +63,16 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     return torch.stack(sums), copy_of(x, copy_x)
 
 
-def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=None):
+def apply_update(
+    x: Sequence[Tensor],
+    x_copy: Any,
+    x_ref: Optional[Sequence[Tensor]],
+    delta: Optional[Sequence[Tensor]],
+    scale: Tensor,
+    scale_old: Tensor,
+    denom: Tensor,
+    workspace: Optional[Workspace] = None,
+) -> None:
     """The update of `_foreach.apply_update`, tensor by tensor, each value rounded as it rounds it."""
     x, x_t = _tensors(x), _tensors(x_copy)
     if delta is None:
@@ -68,3 +89,6 @@ def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=Non
         for x_i, t_i, ref_i, delta_i in zip(x, x_t, _tensors(x_ref), _tensors(delta)):
             delta_i.sub_(t_i - x_i)  # Delta += u
             x_i.copy_(torch.addcmul(ref_i, delta_i, scale))
+
+
+PER_TENSOR = Implementation("per_tensor", inner_products, apply_update)

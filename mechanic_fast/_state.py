@@ -23,6 +23,7 @@ Reading a checkpoint is `_checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -30,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _distributed, _foreach, tuner
+from . import _buffers, _distributed, tuner
 from ._config import MechanicConfig
 
 TUNER_KEY = "mechanic"  # in param_groups[0]
@@ -120,6 +121,13 @@ def lr_ref(entry: Dict[str, Any]) -> float:
     return entry.get("lr_ref", 1.0)
 
 
+def run_config(cfg: MechanicConfig, entry: Dict[str, Any]) -> MechanicConfig:
+    """The options a step runs with: `cfg` with what the tuner `entry` decided when it was made or
+    loaded (`store_delta`, the mode) and that mode's defaults for what was left at None."""
+    store_delta, invariant = entry["store_delta"], entry.get("lr_invariant", False)
+    return dataclasses.replace(cfg, store_delta=store_delta).resolved(invariant)
+
+
 def tuner_state(entry: Dict[str, Any]) -> tuner.TunerState:
     return tuner.TunerState(*(entry[name] for name in tuner.TunerState._fields))
 
@@ -144,7 +152,7 @@ def tiled(values: Dict[Tensor, Tensor], dtype_of: Callable[[Tensor], torch.dtype
         else:  # nothing to tile (an empty shard) or a layout a flat buffer cannot view
             out[p] = _distributed.like(p, local.to(dtype=dtype_of(p), copy=True))
     for (_, _, dtype), params in buckets.items():
-        copies = _foreach.flat_clones(
+        copies = _buffers.flat_clones(
             [_distributed.local(_distributed.shard_like(p, values[p])) for p in params], dtype
         )
         out.update((p, _distributed.like(p, c)) for p, c in zip(params, copies))

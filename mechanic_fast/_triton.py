@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from ._foreach import FlatCopy, workspace_buffer
+from ._buffers import FlatCopy, TensorsOrCopy, Workspace, workspace_buffer
+from ._plan import Implementation
 from .kernels import inner_products as kernels
 
 TL_DTYPES = {
@@ -32,40 +33,44 @@ def _block_size() -> int:
     return 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
 
 
-TensorsOrCopy = Union[Sequence[Tensor], FlatCopy]
+class _DeviceTables:
+    """int64 tables on a device by content, the least recently used dropped beyond `size`: block tables
+    (by tensor sizes, which do not change between steps) and pointer tables (addresses of parameters,
+    x_ref and Delta do not change between steps, nor, usually, those of gradients: the caching allocator
+    hands the same blocks back), so a step finds its tables here and copies nothing to the device. A few
+    entries: alternating layouts (two optimizers) hit."""
 
-# Block tables depend only on the tensor sizes, which do not change between steps.
-_BLOCKS: Dict[Tuple[Tuple[int, ...], int, torch.device], Tensor] = {}
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tables: OrderedDict[Hashable, Tensor] = OrderedDict()
+
+    def get(self, key: Hashable, values: Any, device: torch.device) -> Tensor:
+        """The table under `key`, made from `values()` where missing."""
+        table = self.tables.get(key)
+        if table is None:
+            table = self.tables[key] = _to_device(values(), device)
+            if len(self.tables) > self.size:
+                self.tables.popitem(last=False)
+        else:
+            self.tables.move_to_end(key)
+        return table
+
+
+_BLOCKS = _DeviceTables(16)
+_TABLES = _DeviceTables(16)
 
 
 def _blocks(numels: Sequence[int], device: torch.device) -> Tensor:
     block = _block_size()
-    key = (tuple(numels), block, device)
-    table = _BLOCKS.get(key)
-    if table is None:
-        rows = [v for i, n in enumerate(numels) for start in range(0, n, block) for v in (i, start)]
-        table = _to_device(rows, device)
-        _BLOCKS[key] = table
-    return table
 
+    def rows() -> List[int]:
+        return [v for i, n in enumerate(numels) for start in range(0, n, block) for v in (i, start)]
 
-# Pointer tables by content: addresses of parameters, x_ref and Delta do not change between steps, nor,
-# usually, those of gradients (the caching allocator hands the same blocks back), so a step finds its
-# table here and copies nothing to the device. A few entries: alternating layouts (two optimizers) hit.
-_TABLES: OrderedDict[Tuple[Tuple[int, ...], torch.device], Tensor] = OrderedDict()
-_MAX_TABLES = 16
+    return _BLOCKS.get((tuple(numels), block, device), rows, device)
 
 
 def _device_table(values: List[int], device: torch.device) -> Tensor:
-    key = (tuple(values), device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLES[key] = _to_device(values, device)
-        if len(_TABLES) > _MAX_TABLES:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
+    return _TABLES.get((tuple(values), device), lambda: values, device)
 
 
 def _to_device(values: List[int], device: torch.device) -> Tensor:
@@ -93,13 +98,27 @@ def _table(columns: Sequence[List[int]]) -> List[int]:
 
 
 def contiguous(*lists: Optional[TensorsOrCopy]) -> bool:
+    """Whether the kernels can read every list as flat memory."""
     return all(
         isinstance(ts, FlatCopy) or all(t.is_contiguous() for t in ts) for ts in lists if ts is not None
     )
 
 
-def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, workspace=None):
-    """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy` (in the workspace)."""
+def inner_products(
+    d: TensorsOrCopy,
+    d_ref: Optional[Sequence[Tensor]],
+    g: Optional[Sequence[Tensor]],
+    x: Optional[Sequence[Tensor]],
+    *,
+    acc_dtype: torch.dtype,
+    x_sums: bool = True,
+    copy_x: bool = False,
+    workspace: Optional[Workspace] = None,
+) -> Tuple[Tensor, Optional[FlatCopy]]:
+    """Same contract as `_foreach.inner_products`; the copy is a `FlatCopy` (in the workspace). The
+    kernel reads tensors as flat memory: gradients that are not contiguous are read from a copy."""
+    if g is not None and not contiguous(g):
+        g = [t.contiguous() for t in g]
     like = x if x is not None else (g if g is not None else d_ref)
     assert like is not None
     n = len(like)
@@ -141,7 +160,16 @@ def inner_products(d, d_ref, g, x, *, acc_dtype, x_sums=True, copy_x=False, work
     return partial.sum(dim=0), copy  # rows reduced in a fixed order: deterministic
 
 
-def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=None):
+def apply_update(
+    x: Sequence[Tensor],
+    x_copy: Any,
+    x_ref: Optional[Sequence[Tensor]],
+    delta: Optional[Sequence[Tensor]],
+    scale: Tensor,
+    scale_old: Tensor,
+    denom: Tensor,
+    workspace: Optional[Workspace] = None,
+) -> None:
     """Same contract as `_foreach.apply_update`, in one pass."""
     n = len(x)
     device = x[0].device
@@ -167,4 +195,6 @@ def apply_update(x, x_copy, x_ref, delta, scale, scale_old, denom, workspace=Non
     )
 
 
-__all__ = ["apply_update", "contiguous", "inner_products"]
+TRITON = Implementation("triton", inner_products, apply_update)
+
+__all__ = ["TRITON", "apply_update", "contiguous", "inner_products"]

@@ -1,8 +1,8 @@
-"""Mechanic's O(d) work as two functions of explicit tensor lists, and the one place that picks the
-implementation doing it.
+"""Mechanic's O(d) work as two functions of a group's plan (`_plan.GroupPlan`), and the one place that
+picks the implementation doing it (`select_impl`, run when the plan is made).
 
-For one list of parameters x (one device, one dtype) with gradients g, reference point x_ref and
-Delta = sum of the base's updates (paper symbols in brackets):
+For one group of parameters x (one device, one dtype) with gradients g, reference point x_ref and
+Delta = sum of the base's updates:
 
 - `mechanic_sums`: ``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]``, taken before the base step (the
   tuner's inputs; with Delta not stored, x - x_ref stands for S * Delta), and a copy of x_t;
@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _foreach, _opaque, _pertensor
+from ._buffers import XCopy
+from ._foreach import FOREACH, FOREACH_PER_TENSOR
+from ._opaque import PER_TENSOR_OPAQUE_SUMS
+from ._pertensor import PER_TENSOR
+from ._plan import GroupPlan, Implementation, Scales
 
 # Mean elements per tensor from which per-tensor work beats one more pass over a flat buffer: on CPU a
 # multi-tensor op is a loop costing about as much per tensor as a pass over this many elements; on an
@@ -40,32 +44,22 @@ from . import _foreach, _opaque, _pertensor
 PER_TENSOR_MIN_NUMEL = 1 << 15
 PER_TENSOR_MIN_NUMEL_ACCELERATOR = 1 << 22
 
-
-class Impl(NamedTuple):
-    """An implementation: `sums(d, d_ref, g, x, *, acc_dtype, x_sums, copy_x, workspace)` returns
-    ``([<d - d_ref, g>, <d - d_ref, x>, ||g||^2, ||x||^2], copy of x or None)``;
-    `update(x, x_t, x_ref, delta, scale, scale_old, denom, workspace)` writes the update into x."""
-
-    name: str
-    sums: Callable[..., Tuple[Tensor, Any]]
-    update: Callable[..., None]
-
-
-FOREACH = Impl("foreach", _foreach.inner_products, _foreach.apply_update)
-FOREACH_PER_TENSOR = Impl(
-    "foreach_per_tensor",
-    functools.partial(_foreach.inner_products, per_tensor=True),
-    functools.partial(_foreach.apply_update, per_tensor=True),
-)
-PER_TENSOR = Impl("per_tensor", _pertensor.inner_products, _pertensor.apply_update)
-PER_TENSOR_OPAQUE_SUMS = Impl("per_tensor_opaque_sums", _opaque.inner_products, _pertensor.apply_update)
+__all__ = [
+    "FOREACH",
+    "FOREACH_PER_TENSOR",
+    "PER_TENSOR",
+    "PER_TENSOR_OPAQUE_SUMS",
+    "mechanic_sums",
+    "mechanic_update",
+    "select_impl",
+]
 
 
 @functools.cache
-def _triton_impl() -> Impl:
-    from . import _triton  # imports triton: only when asked for
+def _triton_impl() -> Implementation:
+    from ._triton import TRITON  # imports triton: only when asked for
 
-    return Impl("triton", _triton.inner_products, _triton.apply_update)
+    return TRITON
 
 
 def triton_importable() -> bool:
@@ -101,7 +95,7 @@ def select_impl(
     x: Sequence[Tensor],
     aligned: Sequence[Optional[Sequence[Tensor]]] = (),
     numel: Optional[int] = None,
-) -> Impl:
+) -> Implementation:
     """The implementation for one group: parameters `x` (`numel` elements in all, counted if None) and
     the lists aligned with them (`aligned`: gradients, x_ref, Delta). The only place that decides."""
     device = x[0].device
@@ -125,54 +119,33 @@ def select_impl(
 
 
 def mechanic_sums(
-    x: Sequence[Tensor],
+    plan: GroupPlan,
     grads: Optional[Sequence[Tensor]],
-    x_ref: Sequence[Tensor],
-    delta: Optional[Sequence[Tensor]],
     *,
-    impl: Impl,
-    acc_dtype: torch.dtype,
     x_sums: bool = True,
-    maximize: bool = False,
-    x_t: Any = None,
-    copy_x: bool = True,
-    workspace: Optional[_foreach.Workspace] = None,
-) -> Tuple[Tensor, Any]:
-    """``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]`` in `acc_dtype`, and (`copy_x`) a copy of x for
-    `mechanic_update`.
+    x_t: Optional[XCopy] = None,
+) -> tuple[Tensor, Optional[XCopy]]:
+    """``[<Delta, g>, <Delta, x>, ||g||^2, ||x||^2]`` in the plan's accumulation dtype, and a copy of x_t
+    for `mechanic_update`.
 
-    Delta is `delta` when stored, else ``x_t - x_ref`` (x_t: a copy made by an earlier call, default
-    x itself), formed elementwise so that a small displacement from x_ref keeps its precision. The sums
-    of absent `grads` (or of x when not `x_sums`) are 0. With `maximize` the base moves along +g, so
-    the inner product is taken with -g."""
-    d, d_ref = (delta, None) if delta is not None else (x if x_t is None else x_t, x_ref)
-    sums, copy = impl.sums(
-        d, d_ref, grads, x, acc_dtype=acc_dtype, x_sums=x_sums, copy_x=copy_x, workspace=workspace
-    )
-    if maximize:  # <Delta, -g>; the norms do not change
+    Delta is the stored one, else ``x_t - x_ref`` (x_t: the copy `x_t` made by an earlier call, else x
+    itself), formed elementwise so that a small displacement from x_ref keeps its precision. The sums
+    of absent `grads` (or of x when not `x_sums`) are 0. Given `x_t` (after the base step), no copy is
+    made. With the plan's `maximize` the base moves along +g, so the inner product is taken with -g."""
+    sums, copy = plan.impl.sums(plan, grads, x_sums=x_sums, x_t=x_t)
+    if plan.maximize and grads is not None:  # <Delta, -g>; the norms do not change
         sums = torch.cat([sums[:1].neg(), sums[1:]])
     return sums, copy
 
 
-def mechanic_update(
-    x: Sequence[Tensor],
-    x_t: Any,
-    x_ref: Optional[Sequence[Tensor]],
-    delta: Optional[Sequence[Tensor]],
-    scale: Tensor,
-    scale_old: Tensor,
-    denom: Tensor,
-    *,
-    impl: Impl,
-    workspace: Optional[_foreach.Workspace] = None,
-) -> None:
-    """The Mechanic update of x, which holds the base step's result x_base; `x_t` is the copy
-    `mechanic_sums` made (consumed), u = x_base - x_t, Delta_new = Delta + u, and S = `scale`:
+def mechanic_update(plan: GroupPlan, x_t: XCopy, scales: Scales) -> None:
+    """The Mechanic update of the plan's x, which holds the base step's result x_base; `x_t` is the copy
+    `mechanic_sums` made (consumed), u = x_base - x_t, Delta_new = Delta + u, and S = `scales.scale`:
 
-    - `x_ref` None (Delta stored alone): x <- x_t + (S_old * u + (S - S_old) * Delta_new) (`scale_old`);
-    - `delta` None (x_ref alone): Delta = (x_t - x_ref) / denom (denom = S_old + eps, or S_old),
+    - Delta stored alone: x <- x_t + (S_old * u + (S - S_old) * Delta_new);
+    - x_ref alone: Delta = (x_t - x_ref) / denom (denom = S_old + eps, or S_old),
       x <- x_ref + S * Delta_new;
     - both: x <- x_ref + S * Delta_new.
 
     Stored Delta is advanced in place."""
-    impl.update(x, x_t, x_ref, delta, scale, scale_old, denom, workspace)
+    plan.impl.update(plan, x_t, scales)

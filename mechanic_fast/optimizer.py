@@ -10,6 +10,7 @@ logging steps and with skip_nonfinite.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from . import _checkpoint, _distributed, _gaps, _layout, _state, _torch, tuner
 from ._config import MechanicConfig
-from .functional import mechanic_sums, mechanic_update, select_impl
+from ._plan import GroupPlan, Scales
+from .functional import mechanic_sums, mechanic_update
 
 logger = logging.getLogger("mechanic_fast")
 
@@ -82,7 +84,10 @@ class Mechanic(torch.optim.Optimizer):
         here before Mechanic's part of the checkpoint is in place."""
         self.__dict__.setdefault("mechanic_skipped_steps", 0)  # steps skipped by skip_nonfinite
         _torch.no_fused_amp_unscaling(self)  # GradScaler unscales before the inner products read them
-        self._mechanic_layout = _layout.StepLayout()
+        cfg = self._mechanic_config
+        self._mechanic_planner = _layout.Planner(cfg.backend, cfg.keep_workspace)
+        self._mechanic_reduction = _distributed.Reduction()
+        self._mechanic_run: Optional[Tuple[Any, MechanicConfig, tuner.Constants]] = None  # resolved once
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
         # an lr-invariant tuner's reference lr is settled at its first step (`_state.settle_lr_ref`)
@@ -153,22 +158,22 @@ class Mechanic(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout, everything = self._mechanic_layout, self._mechanic_params()
-        partition = self._mechanic_partition_group
-        params, grads, maximize, idle = layout.gather(self.param_groups)
-        joins_others = layout.joins_others(everything, partition)
+        everything, partition = self._mechanic_params(), self._mechanic_partition_group
+        params, grads, maximize, idle = _layout.gather(self.param_groups)
+        joins_others = self._mechanic_reduction.joins_others(everything, partition)
         if not params and not joins_others:  # a rank with nothing here still steps with the others
             return self._mechanic_base_step(closure, loss)
-        known = layout.known_refs(self.state, params)
+        known = _layout.known_refs(self.state, params)
         stopped, resumed = _gaps.unrecorded(self.state, idle), _gaps.resumed(known)
         entry = self._mechanic_tuner()
         changes_keys = len(known) < len(params) or stopped or resumed or self._mechanic_lr_ref_pending
         if changes_keys and torch.compiler.is_compiling():
             # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
-        cfg = layout.run_config(self._mechanic_config, entry)
+        cfg, _ = self._mechanic_run_config(entry)
         with torch.no_grad():
-            refs, new_refs = layout.refs(self.state, params, known, cfg.store_delta, self._mechanic_ref_dtype)
+            ref_dtype = self._mechanic_ref_dtype
+            refs, new_refs = _layout.refs(self.state, params, known, cfg.store_delta, ref_dtype)
         if _layout.lr_is_zero(self.param_groups):
             result = self._mechanic_base_step(closure, loss)
             if new_refs:
@@ -179,7 +184,7 @@ class Mechanic(torch.optim.Optimizer):
             corrections = _gaps.prepare(resumed, refs, entry, cfg) if resumed else []
         gathered = _Gathered(params, grads, maximize, everything, refs, new_refs, entry, joins_others)
         try:
-            result = self._mechanic_tuned_step(closure, loss, gathered, cfg, bool(stopped))
+            result = self._mechanic_tuned_step(closure, loss, gathered, bool(stopped))
         except BaseException:
             _gaps.restore(corrections)  # a refused or failed step leaves the state as it was
             raise
@@ -197,31 +202,39 @@ class Mechanic(torch.optim.Optimizer):
             self._mechanic_log(entry)
         return loss if closure is not None else result[0]
 
+    def _mechanic_run_config(self, entry: Dict[str, Any]) -> Tuple[MechanicConfig, tuner.Constants]:
+        """The options as the tuner `entry` has them (`_state.run_config`) and the tuner's constants on
+        its device: resolved once, and again only when the entry's mode or place changes (a load)."""
+        key = (entry["store_delta"], entry.get("lr_invariant", False), entry["s"].device, entry["s"].dtype)
+        if self._mechanic_run is None or self._mechanic_run[0] != key:
+            cfg = _state.run_config(self._mechanic_config, entry)
+            self._mechanic_run = (key, cfg, tuner.constants(cfg, key[2], key[3]))
+        return self._mechanic_run[1], self._mechanic_run[2]
+
     def _mechanic_tuned_step(
-        self,
-        closure: Optional[Callable[[], Any]],
-        loss: Any,
-        gathered: _Gathered,
-        cfg: MechanicConfig,
-        wants_applied: bool,
+        self, closure: Optional[Callable[[], Any]], loss: Any, gathered: _Gathered, wants_applied: bool
     ) -> Any:
         """The sums, the base step, the tuner and the update. Returns the base step's result and, if
         `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite) before
         anything changed."""
         params, grads, maximize, everything, refs, new_refs, entry, joins_others = gathered
-        layout, partition, device = self._mechanic_layout, self._mechanic_partition_group, entry["s"].device
+        cfg, constants = self._mechanic_run_config(entry)
+        total = functools.partial(
+            self._mechanic_reduction.total, params=everything, partition=self._mechanic_partition_group
+        )
+        device, tuner_dtype = entry["s"].device, entry["s"].dtype
         with torch.no_grad():
-            groups = layout.groups(
-                params, grads, refs, maximize, new_refs, cfg.store_delta, everything, cfg.keep_workspace
+            domains, _ = self._mechanic_reduction.domains(everything)
+            plans, plan_grads = self._mechanic_planner.plans(
+                params, grads, refs, maximize, new_refs, cfg.store_delta, domains, tuner_dtype
             )
-            impls = [select_impl(cfg.backend, g.params, (g.grads, g.refs, g.deltas), g.numel) for g in groups]
-            acc = _layout.acc_dtype(groups, entry["s"].dtype)
+            acc = plans[0].acc_dtype if plans else _layout.acc_dtype([], tuner_dtype)
             try:
-                parts, copies = _group_sums(groups, impls, acc, x_sums=cfg.variant == "paper")
+                parts, copies = _group_sums(plans, plan_grads, x_sums=cfg.variant == "paper")
             except RuntimeError:
-                layout.check_shapes(self.state, params)  # a resized parameter, named
+                _layout.check_shapes(self.state, params)  # a resized parameter, named
                 raise
-            sums = layout.total(parts, device, acc, everything, partition)
+            sums = total(parts, device, acc)
             if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
                 return _SKIPPED  # nothing was committed yet
             if self._mechanic_lr_ref_pending:
@@ -233,18 +246,16 @@ class Mechanic(torch.optim.Optimizer):
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
             if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
-                post, _ = _group_sums(groups, impls, acc, x_sums=True, copies=copies)
-                sums = sums + layout.total(post, device, acc, everything, partition)
-            scales = _state.advance_tuner(entry, sums, layout.constants(cfg, entry["s"]), cfg)
-            for grp, impl, copy in zip(groups, impls, copies):
+                post, _ = _group_sums(plans, None, x_sums=True, copies=copies)
+                sums = sums + total(post, device, acc)
+            scales = _state.advance_tuner(entry, sums, constants, cfg)
+            for plan, copy in zip(plans, copies):
                 # in the parameters' precision where it is higher (S - S_old of a float32 tuner loses
                 # digits that float64 parameters hold)
-                like = grp.params[0]
+                like = plan.params[0]
                 wide = torch.promote_types(scales[0].dtype, like.dtype)
-                here = [t.to(like.device, wide, non_blocking=True) for t in scales]
-                mechanic_update(
-                    grp.params, copy, grp.refs, grp.deltas, *here, impl=impl, workspace=grp.workspace
-                )
+                here = Scales(*(t.to(like.device, wide, non_blocking=True) for t in scales))
+                mechanic_update(plan, copy, here)
         return result, applied
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
@@ -302,9 +313,8 @@ class Mechanic(torch.optim.Optimizer):
 
 
 def _group_sums(
-    groups: List[_layout.Group],
-    impls: List[Any],
-    acc: torch.dtype,
+    plans: List[GroupPlan],
+    grads: Optional[List[List[Tensor]]],
     x_sums: bool,
     copies: Optional[List[Any]] = None,
 ) -> Tuple[List[Tuple[Tensor, Tuple[Any, ...]]], List[Any]]:
@@ -312,22 +322,10 @@ def _group_sums(
     base step, or, given the `copies`, after it (mechanic_pytorch's weight-decay term: no g, Delta from
     the copies where it is not stored)."""
     parts, made = [], []
-    for i, (grp, impl) in enumerate(zip(groups, impls)):
-        before = copies is None
-        sums, copy = mechanic_sums(
-            grp.params,
-            grp.grads if before else None,
-            grp.refs,
-            grp.deltas,
-            impl=impl,
-            acc_dtype=acc,
-            x_sums=x_sums,
-            maximize=grp.maximize and before,
-            x_t=None if before else copies[i],
-            copy_x=before,
-            workspace=grp.workspace if before else None,
-        )
-        parts.append((sums, grp.reduce_over))
+    for i, plan in enumerate(plans):
+        x_t = None if copies is None else copies[i]
+        sums, copy = mechanic_sums(plan, None if grads is None else grads[i], x_sums=x_sums, x_t=x_t)
+        parts.append((sums, plan.reduce_over))
         made.append(copy)
     return parts, made
 

@@ -122,7 +122,7 @@ def test_compiled_step_traces_the_foreach_code_even_with_backend_triton():
 @pytest.mark.parametrize("whole", [True, False], ids=["compile(opt.step)", "compile=True"])
 def test_both_compiled_forms_trace_the_per_tensor_code(whole, monkeypatch):
     """Inductor gets the per-tensor code in both forms (compile=True compiles the same whole step)."""
-    from mechanic_fast import functional, optimizer
+    from mechanic_fast import _layout, functional
 
     traced = []
     original = functional.select_impl
@@ -133,7 +133,7 @@ def test_both_compiled_forms_trace_the_per_tensor_code(whole, monkeypatch):
             traced.append(impl.name)
         return impl
 
-    monkeypatch.setattr(optimizer, "select_impl", spy)
+    monkeypatch.setattr(_layout, "select_impl", spy)
     factory = lambda ps: mechanize(torch.optim.AdamW, compile=not whole)(ps, lr=1e-3)  # noqa: E731
     _train(factory, compile_whole=whole, steps=3)
     assert traced and set(traced) <= {"per_tensor", "per_tensor_opaque_sums"}, traced

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechanic_fast import _foreach, functional
+from mechanic_fast import _buffers, _foreach, functional
+from mechanic_fast._buffers import FlatCopy, Tiled, Workspace
+from mechanic_fast._plan import GroupPlan, Scales
 from mechanic_fast.functional import mechanic_sums, mechanic_update
 
 SHAPES = [(1,), (7,), (33, 5), (300,)]
@@ -34,13 +36,13 @@ IMPLS = sorted(_impls())
 
 
 def _workspace(name):
-    return _foreach.Workspace() if name.startswith("foreach") or name == "triton" else None
+    return Workspace() if name.startswith("foreach") or name == "triton" else None
 
 
 def _tiled(tensors):
     flat = torch.cat([t.reshape(-1) for t in tensors])
     views = flat.split([t.numel() for t in tensors])
-    return _foreach.Tiled([v.view(t.shape) for v, t in zip(views, tensors)])
+    return Tiled([v.view(t.shape) for v, t in zip(views, tensors)])
 
 
 def _inputs(dtype, seed, non_contiguous=False):
@@ -73,10 +75,8 @@ def test_sums_match_float64(name, dtype, store_delta, x_sums, maximize, seed):
     x, g, ref, delta = _inputs(dtype, seed, non_contiguous=_non_contiguous_ok(name))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     stored = _tiled(delta) if store_delta else None
-    sums, copy = mechanic_sums(
-        x, g, _tiled(ref), stored, impl=impl, acc_dtype=acc, x_sums=x_sums, maximize=maximize,
-        workspace=_workspace(name),
-    )  # fmt: skip
+    plan = GroupPlan(x, _tiled(ref), stored, impl, acc, maximize=maximize, workspace=_workspace(name))
+    sums, copy = mechanic_sums(plan, g, x_sums=x_sums)
     direction = delta if store_delta else [a.double() - b.double() for a, b in zip(x, ref)]
     zero = torch.tensor(0.0, dtype=torch.float64)
     expected = torch.stack(
@@ -92,7 +92,7 @@ def test_sums_match_float64(name, dtype, store_delta, x_sums, maximize, seed):
     magnitude = _dot([t.abs() for t in everything], [t.abs() for t in everything])
     tolerance = (1e-12 if dtype == torch.float64 else 1e-5) * magnitude
     assert ((sums.double() - expected).abs() <= tolerance).all(), (seed, sums, expected)
-    copied = torch.split(copy.flat, copy.numels) if isinstance(copy, _foreach.FlatCopy) else copy
+    copied = torch.split(copy.flat, copy.numels) if isinstance(copy, FlatCopy) else copy.tensors
     assert all(torch.equal(c.reshape(t.shape), t) for c, t in zip(copied, x))  # an exact copy of x_t
 
 
@@ -111,11 +111,11 @@ def _step(name, dtype, seed, delta_layout, non_contiguous):
         "recomputed": None,
     }[delta_layout]
     ref = None if delta_layout == "delta_only" else _tiled(ref)
-    _, copy = mechanic_sums(params, g, ref, stored, impl=impl, acc_dtype=torch.float64, workspace=workspace)
+    plan = GroupPlan(params, ref, stored, impl, torch.float64, workspace=workspace)
+    _, copy = mechanic_sums(plan, g)
     for p, u in zip(params, g):  # what a base step leaves in the parameters
         p.sub_(1e-3 * u)
-    scales = [torch.tensor(v, dtype=dtype) for v in (SCALE, SCALE_OLD, DENOM)]
-    mechanic_update(params, copy, ref, stored, *scales, impl=impl, workspace=workspace)
+    mechanic_update(plan, copy, Scales(*(torch.tensor(v, dtype=dtype) for v in (SCALE, SCALE_OLD, DENOM))))
     return x_t, g, ref, delta, params, stored
 
 
@@ -169,7 +169,7 @@ def test_every_implementation_rounds_the_update_alike(monkeypatch, dtype, delta_
     forms bfloat16 values in float32 and rounds once at the end: within one bfloat16 step of the others.)
     Chunks of 16 elements: the flat update without x_ref gathers groups of small tensors and reads the
     long ones where they are, a chunk at a time."""
-    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
+    monkeypatch.setattr(_buffers, "SUM_CHUNK", chunk)
     if dtype == torch.bfloat16 and delta_layout == "recomputed":
         pytest.skip("Delta is always stored for bfloat16 parameters")
     results = {name: _step(name, dtype, seed, delta_layout, False)[4:] for name in IMPLS}
@@ -232,10 +232,10 @@ def test_sums_converted_in_chunks_match_float64(
     last one partial; per tensor, chunks end at each tensor's end); sums in `acc` as if converted whole.
     (An accelerator converts in larger chunks of fresh memory: the cases without a workspace.) The x_t
     copy, where asked for, is exact."""
-    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
+    monkeypatch.setattr(_buffers, "SUM_CHUNK", chunk)
     x, g, _, delta = _inputs(dtype, seed, non_contiguous=True)
     delta = _tiled([t.to(delta_dtype) for t in delta])
-    workspace = _foreach.Workspace() if with_workspace else None
+    workspace = Workspace() if with_workspace else None
     for _ in range(2):  # the second call reuses the workspace's scratch
         sums, copy = _foreach.inner_products(
             delta, None, g, x, acc_dtype=acc, copy_x=copy_x, workspace=workspace, per_tensor=per_tensor

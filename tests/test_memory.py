@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from mechanic_fast import _foreach, functional, mechanize
+from mechanic_fast import _buffers, functional, mechanize
 from mechanic_fast import optimizer as optimizer_module
 
 SHAPES = [(256, 128)] * 6 + [(128,), (1,)]
@@ -138,8 +138,8 @@ def test_a_step_allocates_at_most_one_weight_copy_beyond_the_base(monkeypatch, d
     if dtype == torch.bfloat16 and options.get("store_delta") is False:
         pytest.skip("bfloat16 parameters always store Delta")
     chunk = 1024  # the scratch's row length, so that a whole-row conversion would show
-    monkeypatch.setattr(_foreach, "SUM_CHUNK", chunk)
-    monkeypatch.setattr(_foreach, "SUM_CHUNK_ACCELERATOR", chunk)
+    monkeypatch.setattr(_buffers, "SUM_CHUNK", chunk)
+    monkeypatch.setattr(_buffers, "SUM_CHUNK_ACCELERATOR", chunk)
     peaks = []
     for wrap in (lambda cls: cls, lambda cls: mechanize(cls, **options)):
         gen, params, _, weights = _setup(dtype)

@@ -15,8 +15,7 @@ import torch
 from conftest import assert_same_snapshot, flatten, make_problem, max_rel
 from test_paper_reference import default_mode, reference_trajectory
 
-import mechanic_fast.optimizer as optimizer_module
-from mechanic_fast import functional, mechanize
+from mechanic_fast import _layout, functional, mechanize
 
 LRS = [1e-4, 1e-2, 1.0, 1e2, 1e4]
 BASES = {
@@ -41,7 +40,7 @@ def force_impl(monkeypatch):
 
     def force(name):
         impl = _impls()[name]
-        monkeypatch.setattr(optimizer_module, "select_impl", lambda *args, **kwargs: impl)
+        monkeypatch.setattr(_layout, "select_impl", lambda *args, **kwargs: impl)
 
     return force
 

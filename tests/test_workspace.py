@@ -23,7 +23,7 @@ def _run(fresh_layout_every_step: bool, store_delta):
             # parameter 1 has no gradient on every third step: the layout must follow
             p.grad = None if (i == 1 and step % 3 == 0) else torch.randn(p.shape, generator=gen)
         if fresh_layout_every_step:
-            opt._mechanic_layout.cached = None
+            opt._mechanic_planner.cached = None
         opt.step()
     return [p.detach().clone() for p in [*params, late]], opt
 
@@ -44,7 +44,7 @@ def test_workspace_is_reused_across_steps():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        (group,) = opt._mechanic_layout.cached[1]
+        (group,) = opt._mechanic_planner.cached[1]
         addresses.append({k: b.data_ptr() for k, b in group.workspace.buffers.items()})
     assert addresses[0] and all(a == addresses[0] for a in addresses)
     # one weight-sized buffer: the gradients gathered for their sums, then x_t
@@ -64,7 +64,7 @@ def test_no_workspace_is_kept_unless_asked_for_or_on_cpu(keep):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
-        (group,) = opt._mechanic_layout.cached[1]
+        (group,) = opt._mechanic_planner.cached[1]
         assert (group.workspace is None) == (option is False)
         results.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -88,7 +88,7 @@ def test_few_large_tensors_keep_only_the_x_t_copy(monkeypatch, store_delta):
             opt.step()
         results.append([p.detach().clone() for p in params])
     numel = sum(p.numel() for p in params)
-    (group,) = opt._mechanic_layout.cached[1]
+    (group,) = opt._mechanic_planner.cached[1]
     assert group.workspace.nbytes() == numel * 4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

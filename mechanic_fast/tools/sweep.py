@@ -284,7 +284,7 @@ def _kept_bytes(step: Callable[[], Any]) -> int:
     """Bytes a mechanized optimizer keeps between steps for them (its workspace), counted in the step's
     peak: they are allocated for the step, only not freed after it."""
     opt = getattr(step, "__self__", None)
-    cached = getattr(getattr(opt, "_mechanic_layout", None), "cached", None)
+    cached = getattr(getattr(opt, "_mechanic_planner", None), "cached", None)
     return sum(grp.workspace.nbytes() for grp in cached[1] if grp.workspace is not None) if cached else 0
 
 
@@ -292,7 +292,7 @@ def _resident_bytes(step: Callable[[], Any]) -> Optional[int]:
     """Bytes a mechanized optimizer keeps between steps beyond its base: Mechanic's per-parameter state
     (one count per storage) and its kept workspace; None for what is not a mechanized step."""
     opt = getattr(step, "__self__", None)
-    if getattr(opt, "_mechanic_layout", None) is None:
+    if getattr(opt, "_mechanic_planner", None) is None:
         return None
     storages = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
