@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, overload
+import weakref
+from typing import Any, Callable, Dict, MutableMapping, Optional, Sequence, Tuple, Type, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -13,7 +15,8 @@ from torch import Tensor
 from . import _distributed, _named, _torch
 from ._config import MechanicConfig, usual_lr
 from ._instance import mechanize_instance, unwrap
-from .optimizer import Mechanic, _default_log_func
+from ._named import check_base
+from .optimizer import Mechanic, MechanicSpec, _default_log_func
 
 
 def is_mechanized(opt: Any) -> bool:
@@ -48,9 +51,12 @@ def _same_lr(a: Any, b: Any) -> bool:
     return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
 
 
-_UNSUPPORTED = _named.UNSUPPORTED
-_CLASSES: Dict[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = {}
-_NAMED: Dict[type, type] = {}  # mechanic_fast.optim's classes
+# One class per (base, options, log_func, partition group), while something uses it: an optimizer, its
+# deepcopy and its unpickled copy share it; a class no longer used lets its log_func and group go.
+_CLASSES: MutableMapping[Tuple[type, MechanicConfig, Optional[Callable[..., Any]], Any], type] = (
+    weakref.WeakValueDictionary()
+)
+_NAMED: Dict[type, type] = {}  # mechanic_fast.optim's classes: one per torch.optim class
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 
@@ -148,7 +154,7 @@ def mechanize(
     if partition_group is not None:
         _distributed.check_process_group(partition_group)
     if isinstance(Base, torch.optim.Optimizer) or isinstance(unwrap(Base), torch.optim.Optimizer):
-        return mechanize_instance(Base, cfg, log_func, partition_group)
+        return mechanize_instance(Base, cfg, log_func, partition_group, mechanized_class)
     check_base(Base)
     return mechanized_class(Base, cfg, log_func, partition_group)
 
@@ -173,23 +179,6 @@ def _checked_options(options: Dict[str, Any], log_func: Any) -> MechanicConfig:
     return cfg
 
 
-def check_base(Base: Any) -> None:
-    """Refuse what is not an optimizer class, or one Mechanic cannot wrap."""
-    if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
-        raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
-    if issubclass(Base, Mechanic):
-        raise TypeError(f"{Base.__name__} is already mechanized")
-    if issubclass(Base, _UNSUPPORTED):
-        raise TypeError(
-            f"Mechanic cannot wrap {Base.__name__}: "
-            + (
-                "its line search and curvature history assume the step it took, which Mechanic rescales"
-                if issubclass(Base, torch.optim.LBFGS)
-                else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
-            )
-        )
-
-
 def mechanized_class(
     Base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], partition_group: Any = None
 ) -> type:
@@ -206,7 +195,7 @@ def mechanized_class(
             f"Mechanized{Base.__name__}",
             (Mechanic, Base),
             {
-                **_class_attributes(Base, cfg, log_func, partition_group),
+                "_mechanic_spec": _spec(Base, cfg, log_func, partition_group),
                 "__qualname__": f"Mechanized{Base.__name__}",
                 "__module__": Mechanic.__module__,
             },
@@ -214,24 +203,28 @@ def mechanized_class(
     return cls
 
 
-def _class_attributes(
-    Base: type, cfg: MechanicConfig, log_func: Optional[Callable[..., Any]], partition_group: Any
-) -> Dict[str, Any]:
-    """What a mechanized class holds: its options and the base's own step."""
+def _spec(
+    Base: type,
+    cfg: MechanicConfig,
+    log_func: Optional[Callable[..., Any]],
+    partition_group: Any,
+    named: bool = False,
+) -> MechanicSpec:
+    """What a mechanized class is made from: its options and the base's own step."""
     # the base's own step, resolved once per class: without torch's step-hook wrapper (ours fires around
     # the mechanized step), and without `_use_grad_for_differentiable`, whose graph breaks would split a
     # compiled mechanized step in three (we apply its grad mode ourselves)
     base_step, sets_grad_mode = _torch.unwrapped_step(Base.step)
-    return {
-        "_mechanic_config": cfg,
-        "_mechanic_base_class": Base,
-        "_mechanic_log_func": staticmethod(log_func or _default_log_func),
-        "_mechanic_base_step_fn": staticmethod(base_step),
-        "_mechanic_base_sets_grad_mode": sets_grad_mode,
-        "_mechanic_partition_group": (
-            None if partition_group is None else _distributed.GroupRef(partition_group)
-        ),
-    }
+    return MechanicSpec(
+        base=Base,
+        config=cfg,
+        log_func=log_func or _default_log_func,
+        base_step=base_step,
+        base_sets_grad_mode=sets_grad_mode,
+        rebuild=rebuild,
+        partition_group=None if partition_group is None else _distributed.GroupRef(partition_group),
+        named=named,
+    )
 
 
 def _default_options() -> Dict[str, Any]:
@@ -253,13 +246,22 @@ def named_class(Base: type) -> type:
     options can also be given to its constructor (`_named`)."""
     cls = _NAMED.get(Base)
     if cls is None:
-        attributes = _class_attributes(Base, _default(Base), None, None)
-        cls = _NAMED[Base] = _named.build(Base, attributes, _OPTION_PARAMETERS, _instance_options)
+        spec = _spec(Base, _default(Base), None, None, named=True)
+        hints = _option_hints()
+        cls = _NAMED[Base] = _named.build(Base, spec, _OPTION_PARAMETERS, hints, _instance_options)
     return cls
 
 
+def _option_hints() -> Dict[str, Any]:
+    """The annotations of `mechanize`'s options (what LightningCLI's parser reads off a named class)."""
+    try:
+        return typing.get_type_hints(mechanize)
+    except Exception:  # an annotation this Python cannot evaluate: left as written
+        return {}
+
+
 def _instance_options(Base: type, options: Dict[str, Any]) -> Dict[str, Any]:
-    """A named class's instance attributes for the Mechanic options given to its constructor, checked as
+    """A named class's spec fields for the Mechanic options given to its constructor, checked as
     `mechanize` checks them."""
     log_func = options.pop("log_func", None)
     partition_group = options.pop("partition_group", None)
@@ -267,11 +269,9 @@ def _instance_options(Base: type, options: Dict[str, Any]) -> Dict[str, Any]:
     if partition_group is not None:
         _distributed.check_process_group(partition_group)
     return {
-        "_mechanic_config": dataclasses.replace(cfg, usual_lr=usual_lr(Base)),
-        "_mechanic_log_func": log_func or _default_log_func,
-        "_mechanic_partition_group": (
-            None if partition_group is None else _distributed.GroupRef(partition_group)
-        ),
+        "config": dataclasses.replace(cfg, usual_lr=usual_lr(Base)),
+        "log_func": log_func or _default_log_func,
+        "partition_group": None if partition_group is None else _distributed.GroupRef(partition_group),
     }
 
 
@@ -284,8 +284,8 @@ def rebuild(
         cls = mechanized_class(base, cfg, log_func)
         return cls.__new__(cls)
     instance = named.__new__(named)
-    instance._mechanic_config = cfg
-    instance._mechanic_log_func = log_func or _default_log_func
+    spec = dataclasses.replace(named._mechanic_spec, config=cfg, log_func=log_func or _default_log_func)
+    instance._mechanic_spec = spec
     return instance
 
 

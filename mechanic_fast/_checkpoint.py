@@ -5,6 +5,7 @@ new Mechanic state aside (`parse`), so that a refused checkpoint leaves the opti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -37,8 +38,10 @@ def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, A
         if replaced is not None:
             state_dict = replaced
     cfg = opt._mechanic_config
-    torch_base = opt._mechanic_base_class.__module__.startswith("torch.optim")
-    base_sd, per_param, entry = parse(opt, cfg, state_dict, opt._mechanic_ref_dtype, torch_base)
+    torch_base = opt._mechanic_spec.base.__module__.startswith("torch.optim")
+    base_sd, per_param, entry = parse(
+        opt, cfg, state_dict, functools.partial(_state.ref_dtype, cfg), torch_base
+    )
     if entry is None:  # a plain base checkpoint: the tuner starts afresh, at the checkpoint's lr
         saved_lr = base_sd["param_groups"][0].get("lr") if base_sd["param_groups"] else None
         entry = _state.fresh_tuner(opt.param_groups, cfg, saved_lr)

@@ -18,10 +18,11 @@ Plain tensors (single process, DDP) give () and cost nothing.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import _torch
 
@@ -161,21 +162,23 @@ def check_process_group(group: Any) -> None:
         )
 
 
-def zero_redundancy_caller() -> Optional[Any]:
-    """The ZeroRedundancyOptimizer whose constructor is making the optimizer now, if any: it hands each
-    rank's optimizer a partition of the parameters (`optimizer_class=mechanize(...)`)."""
+_ZERO_HOOK: List[Any] = []  # the handle of the step pre-hook `watch_zero_redundancy` registers
+
+
+def watch_zero_redundancy(join: Callable[[Any], None]) -> None:
+    """Call `join(zero)` before every step of a ZeroRedundancyOptimizer, through torch's global optimizer
+    step pre-hook, registered once per process and only where ZeroRedundancyOptimizer is in use (its
+    module is loaded): `join` finds the mechanized optimizer it made for this rank (`optimizer_class=
+    mechanize(...)`) before that one steps, which is when its partition group is first needed."""
     zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    if zero is None:
-        return None
-    frame = sys._getframe(1)
-    for _ in range(8):  # ZeroRedundancyOptimizer.__init__ -> _init_local_optimizer -> the class
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, zero.ZeroRedundancyOptimizer):
-            return owner
-        frame = frame.f_back
-    return None
+    if zero is None or _ZERO_HOOK:
+        return
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        if isinstance(opt, zero.ZeroRedundancyOptimizer):
+            join(opt)
+
+    _ZERO_HOOK.append(register_optimizer_step_pre_hook(hook))
 
 
 def shard_like(p: Tensor, value: Tensor) -> Tensor:

@@ -10,8 +10,9 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
-from . import _checkpoint, _distributed, _state, _torch
+from . import _checkpoint, _state, _torch
 from ._config import MechanicConfig
+from ._named import check_base
 from .optimizer import check_group
 
 
@@ -63,11 +64,12 @@ def mechanize_instance(
     wrapper: torch.optim.Optimizer,
     cfg: MechanicConfig,
     log_func: Optional[Callable[[Dict[str, Any]], Any]],
-    partition_group: Any = None,
+    partition_group: Any,
+    mechanized_class: Callable[[type, MechanicConfig, Optional[Callable[..., Any]]], type],
 ) -> torch.optim.Optimizer:
     """Mechanize an existing optimizer in place (through framework wrappers), keeping its state:
-    Mechanic starts from the current parameters at the next step. Returns what it was given."""
-    from ._api import check_base, mechanized_class  # (which imports this module)
+    Mechanic starts from the current parameters at the next step (`mechanized_class` makes the class it
+    becomes). Returns what it was given."""
 
     opt = unwrap(wrapper)
     check_base(type(opt))  # an optimizer class Mechanic can wrap, not mechanized already
@@ -99,7 +101,7 @@ def mechanize_instance(
     # Mechanic's state, checked and made before anything changes: a refusal leaves `opt` as it was (the
     # class is made aside, with the config it settles for this base)
     cls = mechanized_class(type(opt), cfg, log_func)
-    cfg = cls._mechanic_config
+    cfg = cls._mechanic_spec.config
     entry, per_param = _checkpoint.adopt(opt, cfg, functools.partial(_state.ref_dtype, cfg))
     opt.__class__ = cls
     for p, tensors in per_param.items():
@@ -108,7 +110,7 @@ def mechanize_instance(
     if instance_step is not None:
         del opt.step  # the class's (mechanized) step shows through again
     if partition_group is not None:
-        opt._mechanic_partition_group = _distributed.GroupRef(partition_group)  # type: ignore[attr-defined]
+        opt._mechanic_partition(partition_group)  # type: ignore[attr-defined]
     opt._mechanic_attach()  # type: ignore[attr-defined]
     _torch.patch_step_function(opt)  # so step hooks wrap the mechanized step
     if lr_sched_wrapper:  # torch's LR schedulers only record that the step ran: keep doing that

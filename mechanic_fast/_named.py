@@ -9,18 +9,36 @@ kept on the instance.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from typing import Any, Callable, Dict
 
 import torch
 
-from .optimizer import Mechanic
+from .optimizer import Mechanic, MechanicSpec
 
 PREFIX = "mechanic_"
 MODULE = "mechanic_fast.optim"
-# LBFGS rescaled breaks its line search; SparseAdam takes sparse gradients (`_api.check_base`)
+# LBFGS rescaled breaks its line search; SparseAdam takes sparse gradients (`check_base`)
 UNSUPPORTED = (torch.optim.LBFGS, torch.optim.SparseAdam)
+
+
+def check_base(Base: Any) -> None:
+    """Refuse what is not an optimizer class, or one Mechanic cannot wrap."""
+    if not (isinstance(Base, type) and issubclass(Base, torch.optim.Optimizer)):
+        raise TypeError(f"mechanize expects a torch.optim.Optimizer subclass (or instance), got {Base!r}")
+    if issubclass(Base, Mechanic):
+        raise TypeError(f"{Base.__name__} is already mechanized")
+    if issubclass(Base, UNSUPPORTED):
+        raise TypeError(
+            f"Mechanic cannot wrap {Base.__name__}: "
+            + (
+                "its line search and curvature history assume the step it took, which Mechanic rescales"
+                if issubclass(Base, torch.optim.LBFGS)
+                else "it takes sparse gradients, over which Mechanic's inner products are not implemented"
+            )
+        )
 
 
 def nameable(Base: type) -> bool:
@@ -35,13 +53,14 @@ def nameable(Base: type) -> bool:
 
 def build(
     Base: type,
-    attributes: Dict[str, Any],
+    spec: MechanicSpec,
     options: Dict[str, inspect.Parameter],
+    hints: Dict[str, Any],
     instance_options: Callable[[type, Dict[str, Any]], Dict[str, Any]],
 ) -> type:
-    """The named class of `Base`: `attributes` (the default options' class attributes), a constructor
-    whose ``mechanic_*`` keywords `instance_options` turns into instance attributes, its signature and
-    its help."""
+    """The named class of `Base`: its `spec` (the default options), a constructor whose ``mechanic_*``
+    keywords `instance_options` turns into the instance's own spec, its signature (`options`, annotated
+    with `hints`) and its help."""
 
     def __init__(self: Mechanic, params: Any, *args: Any, **kwargs: Any) -> None:
         given = {name[len(PREFIX) :]: kwargs.pop(name) for name in list(kwargs) if name.startswith(PREFIX)}
@@ -52,11 +71,10 @@ def build(
                 f"its Mechanic options are {[PREFIX + n for n in options]}"
             )
         if given:
-            for name, value in instance_options(Base, given).items():
-                setattr(self, name, value)
+            self._mechanic_spec = dataclasses.replace(spec, **instance_options(Base, given))
         Mechanic.__init__(self, params, *args, **kwargs)
 
-    __init__.__signature__ = _signature(Base, options)  # type: ignore[attr-defined]
+    __init__.__signature__ = _signature(Base, options, hints)  # type: ignore[attr-defined]
     doc = (
         f"torch.optim.{Base.__name__} tuned by Mechanic: mechanize(torch.optim.{Base.__name__}).\n\n"
         f"Takes the base's arguments, and Mechanic's options as keyword arguments prefixed {PREFIX!r} "
@@ -68,8 +86,7 @@ def build(
         Base.__name__,
         (Mechanic, Base),
         {
-            **attributes,
-            "_mechanic_named": True,
+            "_mechanic_spec": spec,
             "__init__": __init__,
             "__module__": MODULE,
             "__qualname__": Base.__name__,
@@ -78,7 +95,9 @@ def build(
     )
 
 
-def _signature(Base: type, options: Dict[str, inspect.Parameter]) -> inspect.Signature:
+def _signature(
+    Base: type, options: Dict[str, inspect.Parameter], ours_hints: Dict[str, Any]
+) -> inspect.Signature:
     """The base's constructor parameters, then Mechanic's options as keyword-only ``mechanic_*`` ones
     (what `inspect.signature`, `help` and LightningCLI's argument parser read)."""
     base = inspect.signature(Base.__init__)
@@ -88,9 +107,6 @@ def _signature(Base: type, options: Dict[str, inspect.Parameter]) -> inspect.Sig
         for p in base.parameters.values()
         if p.kind != p.VAR_KEYWORD
     ]
-    from . import _api  # the options' annotations (a module-level import would be circular)
-
-    ours_hints = _hints(_api.mechanize)
     ours = [
         inspect.Parameter(
             PREFIX + name,

@@ -128,6 +128,22 @@ def run_config(cfg: MechanicConfig, entry: Dict[str, Any]) -> MechanicConfig:
     return dataclasses.replace(cfg, store_delta=store_delta).resolved(invariant)
 
 
+class RunCache:
+    """`run_config` and the tuner's constants on its device, made once, and again only when the tuner
+    entry's mode or place changes (a load): per step they would copy constants from the host."""
+
+    def __init__(self, cfg: MechanicConfig) -> None:
+        self.cfg = cfg
+        self.run: Optional[Tuple[Any, MechanicConfig, tuner.Constants]] = None
+
+    def get(self, entry: Dict[str, Any]) -> Tuple[MechanicConfig, tuner.Constants]:
+        key = (entry["store_delta"], entry.get("lr_invariant", False), entry["s"].device, entry["s"].dtype)
+        if self.run is None or self.run[0] != key:
+            cfg = run_config(self.cfg, entry)
+            self.run = (key, cfg, tuner.constants(cfg, key[2], key[3]))
+        return self.run[1], self.run[2]
+
+
 def tuner_state(entry: Dict[str, Any]) -> tuner.TunerState:
     return tuner.TunerState(*(entry[name] for name in tuner.TunerState._fields))
 

@@ -10,35 +10,22 @@ logging steps and with skip_nonfinite.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
-from . import _checkpoint, _distributed, _gaps, _layout, _state, _torch, tuner
+from . import _checkpoint, _distributed, _gaps, _layout, _state, _step, _torch, tuner
 from ._config import MechanicConfig
-from ._plan import GroupPlan, Scales
-from .functional import mechanic_sums, mechanic_update
+from ._distributed import GroupRef
 
 logger = logging.getLogger("mechanic_fast")
 
 
 _SKIPPED = object()  # a step skip_nonfinite skipped
-
-
-class _Gathered(NamedTuple):
-    """What `Mechanic._mechanic_step` found before the tuned part of the step (found once per step)."""
-
-    params: List[Tensor]  # with a gradient
-    grads: List[Tensor]
-    maximize: List[bool]
-    everything: List[Tensor]  # every parameter of the optimizer
-    refs: _layout.Refs
-    new_refs: bool
-    entry: Dict[str, Any]  # the tuner
-    joins_others: bool
 
 
 def _default_log_func(data: Dict[str, Any]) -> None:
@@ -48,27 +35,46 @@ def _default_log_func(data: Dict[str, Any]) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MechanicSpec:
+    """What a mechanized class is made from (`_api.mechanized_class`), its one class attribute; an
+    instance of a named class, or one mechanized in place or by ZeroRedundancyOptimizer, holds its own
+    copy with its options or partition group."""
+
+    base: type
+    config: MechanicConfig
+    log_func: Callable[[Dict[str, Any]], Any]
+    base_step: Callable[..., Any]  # the base's step without hooks or grad-mode wrapper
+    base_sets_grad_mode: bool
+    rebuild: Callable[..., Any]  # how pickle remakes an instance: the class is made at run time
+    # the process group over which this optimizer's parameters are disjoint parts of one model (None:
+    # it holds the whole model, or its sharding is visible in the parameters themselves)
+    partition_group: Optional[_distributed.GroupRef] = None
+    named: bool = False  # a class of mechanic_fast.optim
+
+
 class Mechanic(torch.optim.Optimizer):
     """Mixin that turns a torch optimizer into its Mechanic-tuned version; built by `mechanize`."""
 
-    _mechanic_config: MechanicConfig
-    _mechanic_base_class: type
-    _mechanic_log_func: Callable[[Dict[str, Any]], Any]
-    _mechanic_base_step_fn: Callable[..., Any]  # the base's step without hooks or grad-mode wrapper
-    _mechanic_base_sets_grad_mode: bool
-    # the process group over which this optimizer's parameters are disjoint parts of one model (None:
-    # it holds the whole model, or its sharding is visible in the parameters themselves)
-    _mechanic_partition_group: Optional[_distributed.GroupRef] = None
+    _mechanic_spec: MechanicSpec
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # ZeroRedundancyOptimizer(params, optimizer_class=mechanize(...)) hands each rank's optimizer a
-        # partition of the parameters: their sums are added over ZeRO's process group.
-        zero = _distributed.zero_redundancy_caller()
-        if zero is not None:
-            self._mechanic_partition_group = _distributed.GroupRef(zero.process_group)
         super().__init__(*args, **kwargs)
         self._mechanic_tuner()  # the tuner exists from the start, like the options it records
         self._mechanic_attach()
+        _distributed.watch_zero_redundancy(_join_zero_partition)
+
+    @property
+    def _mechanic_config(self) -> MechanicConfig:
+        return self._mechanic_spec.config
+
+    @property
+    def _mechanic_partition_group(self) -> Optional[_distributed.GroupRef]:
+        return self._mechanic_spec.partition_group
+
+    def _mechanic_partition(self, group: Any) -> None:
+        """Add this optimizer's sums over `group` (a process group), its partition's."""
+        self._mechanic_spec = dataclasses.replace(self._mechanic_spec, partition_group=GroupRef(group))
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's `add_param_group`, refusing first what Mechanic cannot tune (`check_group`)."""
@@ -87,7 +93,7 @@ class Mechanic(torch.optim.Optimizer):
         cfg = self._mechanic_config
         self._mechanic_planner = _layout.Planner(cfg.backend, cfg.keep_workspace)
         self._mechanic_reduction = _distributed.Reduction()
-        self._mechanic_run: Optional[Tuple[Any, MechanicConfig, tuner.Constants]] = None  # resolved once
+        self._mechanic_run = _state.RunCache(cfg)  # the options a step runs with, resolved once
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
         # an lr-invariant tuner's reference lr is settled at its first step (`_state.settle_lr_ref`)
@@ -97,28 +103,22 @@ class Mechanic(torch.optim.Optimizer):
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["mechanic_skipped_steps"] = self.mechanic_skipped_steps
-        if self._mechanic_partition_group is not None:
+        if self._mechanic_partition_group is not None:  # refuses pickling; deepcopy shares it
             state["_mechanic_partition_group"] = self._mechanic_partition_group
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        partition = state.pop("_mechanic_partition_group", None)
         super().__setstate__(state)
+        if partition is not None:
+            self._mechanic_partition(partition.group)
         self._mechanic_attach()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        # The class is made at run time, so pickle cannot find it by name: rebuild it from what made it.
-        from ._api import rebuild
-
-        log_func = None if self._mechanic_log_func is _default_log_func else self._mechanic_log_func
-        named = type(self) if getattr(type(self), "_mechanic_named", False) else None
-        args = (self._mechanic_base_class, self._mechanic_config, log_func, named)
-        return (rebuild, args, self.__getstate__())
-
-    def _mechanic_params(self) -> List[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _mechanic_ref_dtype(self, p: Tensor) -> torch.dtype:
-        return _state.ref_dtype(self._mechanic_config, p)
+        spec = self._mechanic_spec
+        log_func = None if spec.log_func is _default_log_func else spec.log_func
+        named = type(self) if spec.named else None
+        return (spec.rebuild, (spec.base, spec.config, log_func, named), self.__getstate__())
 
     def _mechanic_tuner(self) -> Dict[str, Any]:
         """The tuner entry in param_groups[0], made where missing, on the parameters' device."""
@@ -129,24 +129,18 @@ class Mechanic(torch.optim.Optimizer):
         """The current total scale S = sum(s), a 0-d float32 tensor on the parameters' device (no sync).
 
         The effective learning rate of a group is ``mechanic_scale * group["lr"]``. Before the first step
-        it reads n * s_init for the paper variant (every one of the n tuners starts at s_init; in the
-        lr-invariant default, n * s_init / lr_ref: 6e-2 for Adam at lr 1e-3) and 0 for mechanic_pytorch;
-        neither is applied to any update. After the first step (where Delta = 0, so h = 0) the paper
-        variant has S = s_init exactly (s_init / lr_ref in the lr-invariant mode), the scale of the first
-        update; mechanic_pytorch has S = sum(beta_j) * 1e-6 * (s_init / n) / eps (9.8e-7 with its
-        defaults).
+        it reads n * s_init for the paper variant (n tuners; n * s_init / lr_ref in the lr-invariant
+        default) and 0 for mechanic_pytorch, neither applied to any update. After the first step the
+        paper variant has S = s_init (s_init / lr_ref), the scale of the first update (docs/math.md).
         """
         entry = self._mechanic_tuner()
         scale = tuner.effective_scale(_state.tuner_state(entry), self._mechanic_config)
         return (scale / _state.lr_ref(entry)).to(torch.float32)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """One mechanized step. Returns the closure's loss when a closure is given.
-
-        A step in which every group's lr is 0 only creates Mechanic's state where it is missing (x_ref
-        = the current parameters) and runs the base step: with no base update there is nothing to
-        scale. This is the step torch.distributed.checkpoint takes to create an optimizer's state.
-        """
+        """One mechanized step; returns the closure's loss when a closure is given. A step in which every
+        group's lr is 0 (torch.distributed.checkpoint's, to create state) only creates Mechanic's state
+        where it is missing and runs the base step: there is no base update to scale."""
         if self._mechanic_config.compile and not torch.compiler.is_compiling():
             if self._mechanic_compiled is None:  # the whole step, base included, compiled once
                 self._mechanic_compiled = torch.compile(self._mechanic_step)
@@ -158,7 +152,8 @@ class Mechanic(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        everything, partition = self._mechanic_params(), self._mechanic_partition_group
+        everything = [p for group in self.param_groups for p in group["params"]]
+        partition = self._mechanic_partition_group
         params, grads, maximize, idle = _layout.gather(self.param_groups)
         joins_others = self._mechanic_reduction.joins_others(everything, partition)
         if not params and not joins_others:  # a rank with nothing here still steps with the others
@@ -170,9 +165,9 @@ class Mechanic(torch.optim.Optimizer):
         if changes_keys and torch.compiler.is_compiling():
             # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
-        cfg, _ = self._mechanic_run_config(entry)
+        cfg, _ = self._mechanic_run.get(entry)
         with torch.no_grad():
-            ref_dtype = self._mechanic_ref_dtype
+            ref_dtype = functools.partial(_state.ref_dtype, self._mechanic_config)
             refs, new_refs = _layout.refs(self.state, params, known, cfg.store_delta, ref_dtype)
         if _layout.lr_is_zero(self.param_groups):
             result = self._mechanic_base_step(closure, loss)
@@ -182,7 +177,7 @@ class Mechanic(torch.optim.Optimizer):
 
         with torch.no_grad():
             corrections = _gaps.prepare(resumed, refs, entry, cfg) if resumed else []
-        gathered = _Gathered(params, grads, maximize, everything, refs, new_refs, entry, joins_others)
+        gathered = _step.Gathered(params, grads, maximize, everything, refs, new_refs, entry, joins_others)
         try:
             result = self._mechanic_tuned_step(closure, loss, gathered, bool(stopped))
         except BaseException:
@@ -199,73 +194,43 @@ class Mechanic(torch.optim.Optimizer):
         if new_refs:
             _layout.commit(self.state, refs)
         if cfg.log_every > 0:
-            self._mechanic_log(entry)
+            _log(self, entry)
         return loss if closure is not None else result[0]
 
-    def _mechanic_run_config(self, entry: Dict[str, Any]) -> Tuple[MechanicConfig, tuner.Constants]:
-        """The options as the tuner `entry` has them (`_state.run_config`) and the tuner's constants on
-        its device: resolved once, and again only when the entry's mode or place changes (a load)."""
-        key = (entry["store_delta"], entry.get("lr_invariant", False), entry["s"].device, entry["s"].dtype)
-        if self._mechanic_run is None or self._mechanic_run[0] != key:
-            cfg = _state.run_config(self._mechanic_config, entry)
-            self._mechanic_run = (key, cfg, tuner.constants(cfg, key[2], key[3]))
-        return self._mechanic_run[1], self._mechanic_run[2]
-
     def _mechanic_tuned_step(
-        self, closure: Optional[Callable[[], Any]], loss: Any, gathered: _Gathered, wants_applied: bool
+        self, closure: Optional[Callable[[], Any]], loss: Any, gathered: _step.Gathered, wants_applied: bool
     ) -> Any:
-        """The sums, the base step, the tuner and the update. Returns the base step's result and, if
-        `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite) before
-        anything changed."""
-        params, grads, maximize, everything, refs, new_refs, entry, joins_others = gathered
-        cfg, constants = self._mechanic_run_config(entry)
-        total = functools.partial(
-            self._mechanic_reduction.total, params=everything, partition=self._mechanic_partition_group
-        )
-        device, tuner_dtype = entry["s"].device, entry["s"].dtype
+        """The sums, the base step, the tuner and the update (`_step`). Returns the base step's result
+        and, if `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite)
+        before anything changed."""
+        entry = gathered.entry
+        cfg, constants = self._mechanic_run.get(entry)
         with torch.no_grad():
-            domains, _ = self._mechanic_reduction.domains(everything)
-            plans, plan_grads = self._mechanic_planner.plans(
-                params, grads, refs, maximize, new_refs, cfg.store_delta, domains, tuner_dtype
+            partition = self._mechanic_partition_group
+            before = _step.sums(
+                gathered, cfg, self._mechanic_planner, self._mechanic_reduction, partition, self.state
             )
-            acc = plans[0].acc_dtype if plans else _layout.acc_dtype([], tuner_dtype)
-            try:
-                parts, copies = _group_sums(plans, plan_grads, x_sums=cfg.variant == "paper")
-            except RuntimeError:
-                _layout.check_shapes(self.state, params)  # a resized parameter, named
-                raise
-            sums = total(parts, device, acc)
-            if cfg.skip_nonfinite and self._mechanic_skips(sums, grads, joins_others):
+            if cfg.skip_nonfinite and _skips(self, before.sums, gathered):
                 return _SKIPPED  # nothing was committed yet
             if self._mechanic_lr_ref_pending:
                 _state.settle_lr_ref(entry, self.param_groups[0])
                 self._mechanic_lr_ref_pending = False
             state = _state.tuner_state(entry)
             applied = tuner.effective_scale(state, cfg).clone() if wants_applied else None
-
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
-            if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
-                post, _ = _group_sums(plans, None, x_sums=True, copies=copies)
-                sums = sums + total(post, device, acc)
-            scales = _state.advance_tuner(entry, sums, constants, cfg)
-            for plan, copy in zip(plans, copies):
-                # in the parameters' precision where it is higher (S - S_old of a float32 tuner loses
-                # digits that float64 parameters hold)
-                like = plan.params[0]
-                wide = torch.promote_types(scales[0].dtype, like.dtype)
-                here = Scales(*(t.to(like.device, wide, non_blocking=True) for t in scales))
-                mechanic_update(plan, copy, here)
+            _step.update(before, entry, constants, cfg)
         return result, applied
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
         """The base optimizer's own step, without its step hooks (ours fire around this one); the
         closure, evaluated once already for the inner products, hands that loss back first."""
         args = () if closure is None else (evaluated_once(closure, loss),)
-        if self._mechanic_base_sets_grad_mode:  # what torch's _use_grad_for_differentiable would do
+        spec = self._mechanic_spec
+        if spec.base_sets_grad_mode:  # what torch's _use_grad_for_differentiable would do
             with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
-                return self._mechanic_base_step_fn(self, *args)
-        return self._mechanic_base_step_fn(self, *args)
+                return spec.base_step(self, *args)
+        return spec.base_step(self, *args)
 
     @_torch.eager
     def _mechanic_eager_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
@@ -275,35 +240,12 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_step(evaluated_once(closure, loss))
         return loss
 
-    @_torch.eager
-    def _mechanic_log(self, entry: Dict[str, Any]) -> None:
-        """Logging steps are the only ones that read a value on the host; steps are counted on the host
-        only when logging is on (a host counter in compiled code would be guarded on and recompiled)."""
-        if self._mechanic_log_count is None:  # resumed or copied: one sync to number the lines on
-            self._mechanic_log_count = int(entry["step"]) - 1
-        self._mechanic_log_count += 1
-        if self._mechanic_log_count % self._mechanic_config.log_every == 0:
-            self._mechanic_log_func(self.mechanic_log_data(self._mechanic_log_count))
-
     def mechanic_log_data(self, iter_count: int) -> Dict[str, Any]:
         """What `log_func` receives (one host sync): the step, S as `mechanic_scale` reads it ("s") and
         group 0's effective lr, S * its lr ("effective_lr")."""
         scale = float(self.mechanic_scale)
         lr = _state.lr_value(self.param_groups[0].get("lr"))
         return {"iter_count": iter_count, "s": scale, "effective_lr": scale * lr}
-
-    @_torch.eager  # run eagerly: a compiled step would not replay the counter's increment
-    def _mechanic_skips(self, sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
-        """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step), counted
-        in `mechanic_skipped_steps`. Non-finite gradients make the sums non-finite; finite ones that
-        overflow them are not skipped (`tuner.step` then leaves the tuner as it was). Summed over ranks,
-        the sums decide alone: all ranks skip alike."""
-        if bool(torch.isfinite(sums).all()):
-            return False
-        if joins_others or not all(bool(torch.isfinite(g).all()) for g in grads):
-            self.mechanic_skipped_steps += 1
-            return True
-        return False
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a mechanized checkpoint, or a plain base-optimizer one (Mechanic then starts afresh from
@@ -312,22 +254,31 @@ class Mechanic(torch.optim.Optimizer):
         _checkpoint.load(self, state_dict, super().load_state_dict)
 
 
-def _group_sums(
-    plans: List[GroupPlan],
-    grads: Optional[List[List[Tensor]]],
-    x_sums: bool,
-    copies: Optional[List[Any]] = None,
-) -> Tuple[List[Tuple[Tensor, Tuple[Any, ...]]], List[Any]]:
-    """`mechanic_sums` of every group, with the group's reduction domain, and the x_t copies: before the
-    base step, or, given the `copies`, after it (mechanic_pytorch's weight-decay term: no g, Delta from
-    the copies where it is not stored)."""
-    parts, made = [], []
-    for i, plan in enumerate(plans):
-        x_t = None if copies is None else copies[i]
-        sums, copy = mechanic_sums(plan, None if grads is None else grads[i], x_sums=x_sums, x_t=x_t)
-        parts.append((sums, plan.reduce_over))
-        made.append(copy)
-    return parts, made
+@_torch.eager
+def _log(opt: Mechanic, entry: Dict[str, Any]) -> None:
+    """Logging steps are the only ones that read a value on the host; steps are counted on the host only
+    when logging is on (a host counter in compiled code would be guarded on and recompiled)."""
+    if opt._mechanic_log_count is None:  # resumed or copied: one sync to number the lines on
+        opt._mechanic_log_count = int(entry["step"]) - 1
+    opt._mechanic_log_count += 1
+    if opt._mechanic_log_count % opt._mechanic_config.log_every == 0:
+        opt._mechanic_spec.log_func(opt.mechanic_log_data(opt._mechanic_log_count))
+
+
+@_torch.eager  # run eagerly: a compiled step would not replay the counter's increment
+def _skips(opt: Mechanic, sums: Tensor, gathered: _step.Gathered) -> bool:
+    """skip_nonfinite (`_step.nonfinite`): skipped steps are counted in `mechanic_skipped_steps`."""
+    skips = _step.nonfinite(sums, gathered.grads, gathered.joins_others)
+    opt.mechanic_skipped_steps += skips
+    return skips
+
+
+def _join_zero_partition(zero: Any) -> None:
+    """ZeroRedundancyOptimizer(params, optimizer_class=mechanize(...)) hands each rank's optimizer a
+    partition of the parameters: their sums are added over ZeRO's process group (`_distributed`)."""
+    inner = zero.optim
+    if isinstance(inner, Mechanic) and inner._mechanic_partition_group is None:
+        inner._mechanic_partition(zero.process_group)
 
 
 def check_group(cfg: MechanicConfig, group: Dict[str, Any]) -> None:

@@ -61,8 +61,8 @@ def test_options_are_keywords_beside_the_bases_and_checked():
     params = [torch.nn.Parameter(torch.ones(3))]
     opt = mo.AdamW(params, lr=1e-2, betas=(0.8, 0.9), mechanic_s_decay=1.0, mechanic_betas=(0.9, 0.99))
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)  # Adam's
-    assert opt._mechanic_config.betas == (0.9, 0.99) and opt._mechanic_config.s_decay == 1.0
-    assert mo.AdamW(params)._mechanic_config.s_decay is None  # the class's own options untouched
+    assert opt._mechanic_spec.config.betas == (0.9, 0.99) and opt._mechanic_spec.config.s_decay == 1.0
+    assert mo.AdamW(params)._mechanic_spec.config.s_decay is None  # the class's own options untouched
     with pytest.raises(TypeError, match="unknown Mechanic option.*mechanic_sdecay"):
         mo.AdamW(params, mechanic_sdecay=1.0)
     with pytest.raises(ValueError, match="s_init"):
@@ -75,7 +75,7 @@ def test_named_instances_pickle_deepcopy_and_resume_with_their_options():
     params = [torch.nn.Parameter(torch.ones(3))]
     opt = mo.SGD(params, lr=0.1, momentum=0.9, mechanic_s_decay=2.0)
     for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
-        assert type(clone) is mo.SGD and clone._mechanic_config.s_decay == 2.0
+        assert type(clone) is mo.SGD and clone._mechanic_spec.config.s_decay == 2.0
     _resumes_exactly(lambda ps: mo.AdamW(ps, lr=3e-3, weight_decay=0.01, mechanic_s_decay=1.0))
 
 
@@ -100,7 +100,7 @@ def test_hydra_instantiate_by_target():
         "mechanic_s_decay": 1.0,
     }
     opt = hydra_utils.instantiate(config, params=list(_model().parameters()))
-    assert type(opt) is mo.AdamW and opt._mechanic_config.s_decay == 1.0
+    assert type(opt) is mo.AdamW and opt._mechanic_spec.config.s_decay == 1.0
     _resumes_exactly(lambda ps: hydra_utils.instantiate(config, params=list(ps)))
 
 
@@ -115,7 +115,7 @@ def test_torchtune_config_instantiate_by_component():
         {"_component_": "mechanic_fast.optim.AdamW", "lr": 3e-3, "mechanic_s_decay": 1.0}
     )
     opt = tune_config.instantiate(config, list(_model().parameters()))
-    assert type(opt) is mo.AdamW and opt._mechanic_config.s_decay == 1.0
+    assert type(opt) is mo.AdamW and opt._mechanic_spec.config.s_decay == 1.0
     _resumes_exactly(lambda ps: tune_config.instantiate(config, list(ps)))
 
 
@@ -240,7 +240,7 @@ def test_lightning_cli_names_the_optimizer_in_yaml_logs_the_effective_lr_and_res
     second.trainer.fit(second.model, ckpt_path=str(tmp_path / "ckpt" / "step=8.ckpt"))
     opt_a, opt_b = first.trainer.optimizers[0], second.trainer.optimizers[0]
     inner = getattr(opt_a, "optimizer", opt_a)  # Lightning's wrapper, where there is one
-    assert is_mechanized(opt_a) and type(inner) is mo.AdamW and inner._mechanic_config.s_decay == 1.0
+    assert is_mechanized(opt_a) and type(inner) is mo.AdamW and inner._mechanic_spec.config.s_decay == 1.0
     assert "mechanic/effective_lr" in seen[-1] and "mechanic/scale" in seen[-1]
     assert torch.equal(mechanic_scale(opt_a), mechanic_scale(opt_b))
     for a, b in zip(first.model.parameters(), second.model.parameters()):

@@ -45,7 +45,7 @@ def test_package_ships_its_type_information():
 def test_adam_like_betas_warn_and_say_what_mechanics_betas_are(betas):
     with pytest.warns(UserWarning, match=r"Mechanic's betas.*Adam's betas go to the base optimizer"):
         cls = mechanize(torch.optim.AdamW, betas=betas)
-    assert cls._mechanic_config.betas == betas  # a warning, not a refusal: the option is kept
+    assert cls._mechanic_spec.config.betas == betas  # a warning, not a refusal: the option is kept
 
 
 @pytest.mark.parametrize("betas", [None, (0.9, 0.99, 0.999), (0.999,), (0.99, 0.9)])

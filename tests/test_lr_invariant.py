@@ -140,9 +140,9 @@ def test_options_are_checked():
         mechanize(torch.optim.AdamW, lr_invariant="yes")
     cls = mechanize(torch.optim.AdamW, lr_invariant=True)
     # the paper's lambda for every base; the first effective lr 1e-2 of the base's usual lr
-    adam = cls._mechanic_config.resolved(True)
+    adam = cls._mechanic_spec.config.resolved(True)
     assert adam.s_init == pytest.approx(1e-5) and adam.s_decay == pytest.approx(0.01)
-    sgd = mechanize(torch.optim.SGD)._mechanic_config.resolved(True)
+    sgd = mechanize(torch.optim.SGD)._mechanic_spec.config.resolved(True)
     assert sgd.s_init == pytest.approx(1e-3) and sgd.s_decay == pytest.approx(0.01)
     with pytest.raises(ValueError, match="group 0's lr"):
         cls([torch.nn.Parameter(torch.zeros(2))], lr=0.0)

@@ -20,7 +20,7 @@ def default_mode(Base, lr):
     recomputed without eps. The tuner's eps stays in other units, so the two agree to about 1e-5."""
     from mechanic_fast import mechanize
 
-    s_init = mechanize(Base)._mechanic_config.resolved(True).s_init
+    s_init = mechanize(Base)._mechanic_spec.config.resolved(True).s_init
     return dict(s_init=s_init / lr, unit_decay=True, recompute_eps=0.0)
 
 

@@ -140,7 +140,9 @@ def test_zero_redundancy_optimizer_is_reached_through_either_route(one_rank_grou
         ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
     )
     naive = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mechanize(torch.optim.SGD), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
     for zero in (documented, naive):
+        zero.step()  # the naive route's partition is joined before the mechanized optimizer's first step
         assert is_mechanized(zero) and zero.optim._mechanic_partition_group.group is zero.process_group
         assert mechanic_scale(zero).shape == ()
     with pytest.raises(TypeError, match="already mechanized"):

@@ -292,10 +292,10 @@ def test_mechanize_of_an_optimizer_holding_a_tuner_resumes_it():
 @pytest.mark.parametrize("value", [np.float32(0.01), np.float64(0.01), np.int64(0), 0.01, 0])
 def test_numpy_and_python_real_numbers_are_accepted(value):
     cls = mechanize(torch.optim.SGD, s_decay=value, s_init=np.float32(1e-6), eps=np.float64(1e-8))
-    assert cls._mechanic_config.s_decay == float(value)
-    assert type(cls._mechanic_config.s_decay) is float
-    assert mechanize(torch.optim.SGD, log_every=np.int64(3))._mechanic_config.log_every == 3
-    assert mechanize(torch.optim.SGD, betas=np.array([0.9, 0.99, 0.999]))._mechanic_config.betas == (
+    assert cls._mechanic_spec.config.s_decay == float(value)
+    assert type(cls._mechanic_spec.config.s_decay) is float
+    assert mechanize(torch.optim.SGD, log_every=np.int64(3))._mechanic_spec.config.log_every == 3
+    assert mechanize(torch.optim.SGD, betas=np.array([0.9, 0.99, 0.999]))._mechanic_spec.config.betas == (
         0.9,
         0.99,
         0.999,

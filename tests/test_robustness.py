@@ -227,7 +227,7 @@ def test_mechanize_an_instance_in_place_keeps_its_state():
     opt.zero_grad()
     model(x).pow(2).mean().backward()
     opt.step()
-    assert posts == [1] and opt._mechanic_config.s_decay == 0.0
+    assert posts == [1] and opt._mechanic_spec.config.s_decay == 0.0
     assert opt.mechanic_scale.item() == pytest.approx(1e-6, rel=1e-3)  # Mechanic starts here
     with pytest.raises(TypeError, match="already mechanized"):
         mechanize(opt)

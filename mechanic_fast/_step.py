@@ -1,0 +1,108 @@
+"""The tuned part of one mechanized step as functions of explicit inputs (`Mechanic` sequences them
+around the base step): the sums of every group's plan, added over ranks (`sums`), and, after the base
+step, the tuner's step and every group's update (`update`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _distributed, _layout, _state, tuner
+from ._config import MechanicConfig
+from ._plan import GroupPlan, Scales
+from .functional import mechanic_sums, mechanic_update
+
+
+class Gathered(NamedTuple):
+    """What a step found before its tuned part (found once per step)."""
+
+    params: List[Tensor]  # with a gradient
+    grads: List[Tensor]
+    maximize: List[bool]
+    everything: List[Tensor]  # every parameter of the optimizer
+    refs: _layout.Refs
+    new_refs: bool
+    entry: Dict[str, Any]  # the tuner
+    joins_others: bool
+
+
+class Before(NamedTuple):
+    """The sums taken before the base step, and what the update after it needs."""
+
+    sums: Tensor
+    plans: List[GroupPlan]
+    copies: List[Any]  # each plan's x_t copy
+    total: Callable[[List[Tuple[Tensor, Any]]], Tensor]  # per-group sums added over groups and ranks
+
+
+def sums(
+    gathered: Gathered,
+    cfg: MechanicConfig,
+    planner: _layout.Planner,
+    reduction: _distributed.Reduction,
+    partition: Optional[_distributed.GroupRef],
+    state: Dict[Tensor, Any],
+) -> Before:
+    """The four sums over every parameter with a gradient, added over ranks, and the x_t copies."""
+    params, grads, maximize, everything, refs, new_refs, entry, _ = gathered
+    device, tuner_dtype = entry["s"].device, entry["s"].dtype
+    domains, _ = reduction.domains(everything)
+    plans, plan_grads = planner.plans(
+        params, grads, refs, maximize, new_refs, cfg.store_delta, domains, tuner_dtype
+    )
+    acc = plans[0].acc_dtype if plans else _layout.acc_dtype([], tuner_dtype)
+
+    def total(parts: List[Tuple[Tensor, Any]]) -> Tensor:
+        return reduction.total(parts, device, acc, everything, partition)
+
+    try:
+        parts, copies = group_sums(plans, plan_grads, x_sums=cfg.variant == "paper")
+    except RuntimeError:
+        _layout.check_shapes(state, params)  # a resized parameter, named
+        raise
+    return Before(total(parts), plans, copies, total)
+
+
+def update(before: Before, entry: Dict[str, Any], constants: tuner.Constants, cfg: MechanicConfig) -> None:
+    """After the base step: the tuner's step, committed to `entry`, and every group's update."""
+    sums = before.sums
+    if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
+        post, _ = group_sums(before.plans, None, x_sums=True, copies=before.copies)
+        sums = sums + before.total(post)
+    scales = _state.advance_tuner(entry, sums, constants, cfg)
+    for plan, copy in zip(before.plans, before.copies):
+        # in the parameters' precision where it is higher (S - S_old of a float32 tuner loses digits
+        # that float64 parameters hold)
+        like = plan.params[0]
+        wide = torch.promote_types(scales[0].dtype, like.dtype)
+        mechanic_update(plan, copy, Scales(*(t.to(like.device, wide, non_blocking=True) for t in scales)))
+
+
+def group_sums(
+    plans: List[GroupPlan],
+    grads: Optional[List[List[Tensor]]],
+    x_sums: bool,
+    copies: Optional[List[Any]] = None,
+) -> Tuple[List[Tuple[Tensor, Tuple[Any, ...]]], List[Any]]:
+    """`mechanic_sums` of every group, with the group's reduction domain, and the x_t copies: before the
+    base step, or, given the `copies`, after it (mechanic_pytorch's weight-decay term: no g, Delta from
+    the copies where it is not stored)."""
+    parts, made = [], []
+    for i, plan in enumerate(plans):
+        x_t = None if copies is None else copies[i]
+        plan_sums, copy = mechanic_sums(plan, None if grads is None else grads[i], x_sums=x_sums, x_t=x_t)
+        parts.append((plan_sums, plan.reduce_over))
+        made.append(copy)
+    return parts, made
+
+
+def nonfinite(sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
+    """skip_nonfinite: whether this step's gradients hold NaN/Inf (the one host sync per step).
+    Non-finite gradients make the sums non-finite; finite ones that overflow them are not skipped
+    (`tuner.step` then leaves the tuner as it was). Summed over ranks, the sums decide alone: all ranks
+    skip alike."""
+    if bool(torch.isfinite(sums).all()):
+        return False
+    return joins_others or not all(bool(torch.isfinite(g).all()) for g in grads)
