@@ -1,8 +1,9 @@
 """Rounding of the mechanized step against float64, in ulps of the weights, at base lrs 1e-4..1e4.
 
-The setting of tests/test_numerics.py: 1000 weights of size ~0.05, a fixed sequence of gradients (no
-feedback from x, so every run follows the same path and differs by rounding alone), SGD with momentum and
-AdamW as bases. Prints the median and largest error after `--steps` steps for float32, bfloat16 with x_ref
+The setting of tests/update_math/test_float32_rounding_gaps_and_lr_units.py: 1000 weights of size
+~0.05, a fixed sequence of gradients (no feedback from x, so every run follows the same path and differs
+by rounding alone), SGD with momentum and AdamW as bases. Prints the median and largest error after
+`--steps` steps for float32, bfloat16 with x_ref
 and Delta in float32 (`ref_dtype="float32"`) and bfloat16 with them in bfloat16 (the default), each
 against the same run in float64.
 

@@ -239,7 +239,7 @@ def advance_tuner(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """`tuner.step` on the tuner `entry`, committed in place (stable addresses for CUDA graphs); returns
     (S_new, S_old, denom) for the update (`tuner.step`). One copy_ per vector: inductor misorders a
-    _foreach_copy_ whose sources read one of its destinations (test_compile.py)."""
+    _foreach_copy_ whose sources read one of its destinations (compile/test_compiled_step.py)."""
     old = tuner_state(entry)
     new, scale, scale_old, denom = tuner.step(old, sums, const, cfg, lr_ref(entry))
     for buf, value in zip(old, new):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.utils._python_dispatch import TorchDispatchMode  # tools/sweep.py's allocation counter
 
 # run a function eagerly inside a compiled region (a graph break around it)
 eager = torch._dynamo.disable
@@ -104,3 +105,14 @@ def fsdp1_handles() -> List[Any]:
 def fsdp1_views(handle: Any) -> Sequence[Tensor]:
     """The `use_orig_params=True` parameters that view a handle's flat parameter (none otherwise)."""
     return getattr(handle.flat_param, "_params", None) or ()
+
+
+def is_compiled(fn: Any) -> bool:
+    """Whether `fn` is a torch.compile'd module or function (its allocations happen below the
+    dispatcher)."""
+    return isinstance(fn, torch._dynamo.eval_frame.OptimizedModule) or hasattr(
+        fn, "_torchdynamo_orig_callable"
+    )
+
+
+__all__ = ["TorchDispatchMode", "chunk_cat", "eager", "is_compiled", "unwrapped_step"]

@@ -12,7 +12,8 @@ Delta = sum of the base's updates:
   ``(x_t - x_ref) / denom + u``, denom = S_old + eps, or S_old in the lr-invariant mode).
 
 Every implementation rounds the update in that order, so they agree exactly on the update and to
-summation order on the sums (tests/test_implementations.py sweeps them against each other):
+summation order on the sums (tests/implementations/test_implementation_sweep.py sweeps them against
+each other):
 
 - ``foreach``: flat buffers and multi-tensor torch ops, eager, any device;
 - ``foreach_per_tensor``: the same, but reducing and writing tensor by tensor, for few large tensors

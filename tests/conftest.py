@@ -1,17 +1,13 @@
-"""Shared test problems: small models on fresh random data, with the seed in every failure message."""
+"""Session settings and fixtures: Triton's interpreter without a GPU, the check that no test leaves global
+settings changed, a fresh seed per test, and a small problem on it. Helpers tests import are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, List
 
 import pytest
 import torch
-
-# A limit for subprocesses that only catches a hang: correctness tests never depend on speed (a loaded
-# machine can be many times slower than a quiet one); speed is measured in bench/.
-HANG_LIMIT_S = 30 * 60
+from helpers import Problem, make_problem
 
 _session_env = pytest.MonkeyPatch()
 
@@ -78,84 +74,6 @@ def seed() -> int:
     return value
 
 
-@dataclass
-class Problem:
-    """A least-squares-plus-tanh objective over a handful of parameter tensors."""
-
-    shapes: List[tuple]
-    data: List[torch.Tensor]
-    dtype: torch.dtype
-    stationary: bool = False  # False: the target moves every step (a harder, non-stationary problem)
-
-    def params(self) -> List[torch.nn.Parameter]:
-        gen = torch.Generator().manual_seed(1234)
-        return [
-            torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(self.dtype))
-            for s in self.shapes
-        ]
-
-    def loss(self, params: List[torch.Tensor], step: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=self.dtype)
-        for p, a in zip(params, self.data):
-            shift = torch.sin(a.to(self.dtype) * (1 if self.stationary else step + 1))
-            total = total + ((torch.tanh(p) - shift) ** 2).sum() + 0.1 * (p * a.to(self.dtype)).sum()
-        return total
-
-    def grad_step(self, params: List[torch.Tensor], step: int) -> torch.Tensor:
-        for p in params:
-            p.grad = None
-        loss = self.loss(params, step)
-        loss.backward()
-        return loss
-
-
-def make_problem(
-    dtype: torch.dtype = torch.float64, shapes=((7, 5), (5,), (3, 4, 2), (11,)), stationary: bool = False
-) -> Problem:
-    data = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    return Problem(list(shapes), data, dtype, stationary)
-
-
 @pytest.fixture
 def problem(seed) -> Problem:
     return make_problem()
-
-
-def run(opt_factory: Callable, problem: Problem, steps: int, params=None):
-    params = problem.params() if params is None else params
-    opt = opt_factory(params)
-    for t in range(steps):
-        problem.grad_step(params, t)
-        opt.step()
-    return params, opt
-
-
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-def flatten(obj, prefix: str = "") -> dict:
-    """Every value of a nested state dict, tensors cloned, keyed by its path: a comparable snapshot."""
-    flat = {}
-    if torch.is_tensor(obj):
-        flat[prefix] = obj.detach().clone()
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            flat.update(flatten(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            flat.update(flatten(v, f"{prefix}/{i}"))
-    else:
-        flat[prefix] = obj
-    return flat
-
-
-def assert_same_snapshot(a: dict, b: dict) -> None:
-    """Two `flatten` snapshots hold the same keys, dtypes and bits."""
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k

@@ -18,9 +18,9 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import mechanize
+from .. import _torch, mechanize
+from .._torch import TorchDispatchMode
 from .report import IMPLS, machine_info, markdown_report, markdown_table, plot
 
 Progress = Callable[[int, int, str], None]
@@ -192,7 +192,7 @@ def measure(
     warmup, repeats = (2, 5) if quick else (5, 25)
     # Every compiled step traces the same code objects (AdamW.step, Mechanic.step): without a reset, the
     # rows measured after dynamo's recompile limit (8 per code object) would silently run eagerly.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     rows: List[Dict[str, Any]] = []
@@ -271,9 +271,7 @@ def _peak_bytes(step: Callable[[], Any], set_grads: Callable[[], Any], device: s
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    if isinstance(step, torch._dynamo.eval_frame.OptimizedModule) or hasattr(
-        step, "_torchdynamo_orig_callable"
-    ):
+    if _torch.is_compiled(step):
         return None  # compiled code allocates below the dispatcher
     with _PeakAllocations() as mode:
         step()

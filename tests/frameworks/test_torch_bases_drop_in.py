@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import max_rel
-from test_paper_reference import reference_trajectory
+from helpers import max_rel, reference_trajectory
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mechanic_fast import Mechanic, is_mechanized, mechanize

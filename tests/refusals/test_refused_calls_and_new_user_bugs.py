@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_snapshot, flatten
+from helpers import assert_same_snapshot, flatten
 
 from mechanic_fast import mechanize
 

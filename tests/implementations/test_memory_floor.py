@@ -10,8 +10,7 @@ import gc
 import pytest
 import torch
 
-from mechanic_fast import _buffers, functional, mechanize
-from mechanic_fast import optimizer as optimizer_module
+from mechanic_fast import _buffers, _step, functional, mechanize
 
 SHAPES = [(256, 128)] * 6 + [(128,), (1,)]
 
@@ -104,7 +103,7 @@ def test_memory_in_a_step_is_at_most_two_weight_copies(monkeypatch, options):
         seen.append(_extra_bytes(opt, params) - baseline)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(optimizer_module, "mechanic_update", counting)
+    monkeypatch.setattr(_step, "mechanic_update", counting)
     _steps(gen, params, opt, 3)
     assert len(seen) == 3
     assert max(seen) <= 2 * weights + 4096, [s / weights for s in seen]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import mechanic_pytorch
 import pytest
 import torch
-from conftest import max_rel, run
+from helpers import max_rel, run
 
 from mechanic_fast import is_mechanized, mechanize
 

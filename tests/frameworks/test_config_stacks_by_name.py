@@ -10,14 +10,14 @@ import pydoc
 
 import pytest
 import torch
-from test_frameworks import _data, _framework_environment, _model  # noqa: F401 (an autouse fixture)
+from helpers import regression_data, small_mlp
 
 import mechanic_fast.optim as mo
 from mechanic_fast import is_mechanized, mechanic_log_values, mechanic_scale, mechanize
 
 
 def _train(model, opt, steps, start=0):
-    x, y = _data()
+    x, y = regression_data()
     for t in range(start, steps):
         opt.zero_grad()
         ((model(x[t % 4 * 16 : t % 4 * 16 + 16]) - y[t % 4 * 16 : t % 4 * 16 + 16]) ** 2).mean().backward()
@@ -26,10 +26,10 @@ def _train(model, opt, steps, start=0):
 
 def _resumes_exactly(make_opt):
     """Trained 12 steps straight, and 6 + saved + loaded into a new one + 6: the same bits."""
-    model_a = _model()
+    model_a = small_mlp()
     opt_a = make_opt(model_a.parameters())
     _train(model_a, opt_a, 12)
-    model_b = _model()
+    model_b = small_mlp()
     opt_b = make_opt(model_b.parameters())
     _train(model_b, opt_b, 6)
     saved = copy.deepcopy(opt_b.state_dict())
@@ -80,7 +80,7 @@ def test_named_instances_pickle_deepcopy_and_resume_with_their_options():
 
 
 def test_log_values_are_tensors_and_per_group_where_lrs_differ():
-    model = _model()
+    model = small_mlp()
     groups = [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 1e-3}]
     opt = mo.Adam(groups)
     _train(model, opt, 3)
@@ -99,7 +99,7 @@ def test_hydra_instantiate_by_target():
         "weight_decay": 0.01,
         "mechanic_s_decay": 1.0,
     }
-    opt = hydra_utils.instantiate(config, params=list(_model().parameters()))
+    opt = hydra_utils.instantiate(config, params=list(small_mlp().parameters()))
     assert type(opt) is mo.AdamW and opt._mechanic_spec.config.s_decay == 1.0
     _resumes_exactly(lambda ps: hydra_utils.instantiate(config, params=list(ps)))
 
@@ -114,7 +114,7 @@ def test_torchtune_config_instantiate_by_component():
     config = OmegaConf.create(
         {"_component_": "mechanic_fast.optim.AdamW", "lr": 3e-3, "mechanic_s_decay": 1.0}
     )
-    opt = tune_config.instantiate(config, list(_model().parameters()))
+    opt = tune_config.instantiate(config, list(small_mlp().parameters()))
     assert type(opt) is mo.AdamW and opt._mechanic_spec.config.s_decay == 1.0
     _resumes_exactly(lambda ps: tune_config.instantiate(config, list(ps)))
 
@@ -125,13 +125,13 @@ def test_transformers_trainer_by_class_logs_the_effective_lr_and_resumes_exactly
     transformers = pytest.importorskip("transformers")
     from mechanic_fast.integrations.transformers import MechanicCallback
 
-    x, y = _data(48)
+    x, y = regression_data(48)
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
 
     class Regressor(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _model()
+            self.net = small_mlp()
 
         def forward(self, x, labels):
             return {"loss": ((self.net(x) - labels) ** 2).mean()}
@@ -182,12 +182,12 @@ def test_lightning_cli_names_the_optimizer_in_yaml_logs_the_effective_lr_and_res
     pytest.importorskip("jsonargparse")
     from mechanic_fast.integrations.lightning import MechanicCallback
 
-    x, y = _data()
+    x, y = regression_data()
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _model()
+            self.net = small_mlp()
 
         def training_step(self, batch, _):
             xb, yb = batch

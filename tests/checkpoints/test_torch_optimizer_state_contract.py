@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
 import warnings
 
 import pytest
 import torch
-from conftest import assert_same_snapshot, flatten, make_problem
+from helpers import assert_same_snapshot, flatten, make_problem
 
 from mechanic_fast import is_mechanized, mechanic_scale, mechanize
-
-HERE = os.path.dirname(__file__)
 
 
 def _trained(steps=6, store_delta=False, Base=torch.optim.AdamW, **kwargs):

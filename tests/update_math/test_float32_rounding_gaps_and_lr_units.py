@@ -12,8 +12,7 @@ import mechanic_pytorch
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_snapshot, flatten, make_problem, max_rel
-from test_paper_reference import default_mode, reference_trajectory
+from helpers import assert_same_snapshot, default_mode, flatten, make_problem, max_rel, reference_trajectory
 
 from mechanic_fast import _layout, functional, mechanize
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import HANG_LIMIT_S
+from helpers import HANG_LIMIT_S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import HANG_LIMIT_S
+from helpers import HANG_LIMIT_S
 
 import mechanic_fast
 from mechanic_fast import mechanize

@@ -6,34 +6,13 @@ Run with the `.[integration]` extra installed; each test skips when its framewor
 
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import pytest
 import torch
+from helpers import regression_data, small_mlp
 
 from mechanic_fast import is_mechanized, mechanic_scale, mechanize
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _framework_environment():
-    """The frameworks set process environment variables of their own (Lightning:
-    PYTORCH_NVML_BASED_CUDA_CHECK); they end with the test."""
-    with mock.patch.dict(os.environ):
-        yield
-
-
-def _data(n=64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=gen)
-    return x, torch.tanh(x[:, :3] * 1.5)
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
 def _same(model_a, model_b, opt_a, opt_b):
@@ -46,11 +25,11 @@ def _same(model_a, model_b, opt_a, opt_b):
 # ----------------------------------------------------------------------------------------- accelerate
 def test_accelerate_save_state_and_load_state_resume_bit_exactly(tmp_path):
     accelerate = pytest.importorskip("accelerate")
-    x, y = _data()
+    x, y = regression_data()
 
     def run(start, stop, load=None, save=None):
         acc = accelerate.Accelerator(cpu=True)
-        model = _model()
+        model = small_mlp()
         opt = mechanize(torch.optim.AdamW)(model.parameters(), lr=3e-3)
         model, opt = acc.prepare(model, opt)
         assert is_mechanized(opt)  # through AcceleratedOptimizer
@@ -74,12 +53,12 @@ def test_accelerate_save_state_and_load_state_resume_bit_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------- lightning
 def test_lightning_checkpoint_resume_is_bit_exact(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    x, y = _data()
+    x, y = regression_data()
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _model()
+            self.net = small_mlp()
 
         def training_step(self, batch, _):
             opt = self.optimizers()  # Lightning's wrapper
@@ -174,10 +153,10 @@ def _import_timm():
 @pytest.mark.parametrize("name", ["adamw", "novograd"])
 def test_timm_optimizer_mechanized_as_instance_resumes_bit_exactly(name, tmp_path):
     timm = _import_timm()
-    x, y = _data()
+    x, y = regression_data()
 
     def run(start, stop, load=None):
-        model = _model()
+        model = small_mlp()
         opt = mechanize(timm.optim.create_optimizer_v2(model, name, lr=3e-3, weight_decay=0.01))
         if load:
             model.load_state_dict(load["model"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_layouts import STEPS, reference
-from test_distributed import launch
+from helpers import launch
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,7 +100,7 @@ def one_rank_group(tmp_path):
     import os
     from unittest import mock
 
-    from test_distributed import free_port
+    from helpers import free_port
 
     with mock.patch.dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()):
         dist.init_process_group("gloo", rank=0, world_size=1)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import HANG_LIMIT_S, make_problem
+from helpers import HANG_LIMIT_S, make_problem
 
 from mechanic_fast import mechanize
 

@@ -1,4 +1,4 @@
-"""One rank of the parallel-layout matrix in test_parallel_layouts.py (gloo on 127.0.0.1, float64).
+"""One rank of the parallel-layout matrix in test_every_parallel_layout.py (gloo on 127.0.0.1, float64).
 
 usage: python dist_layouts.py RANK WORLD PORT OUT_DIR LAYOUT [LAYOUT ...]
 

@@ -1,8 +1,9 @@
-"""The implementation-equivalence sweep: every implementation `functional.select_impl` can pick, through
-the functional core (`mechanic_sums`, `mechanic_update`), against float64 math and against each other,
-over dtypes, both Delta layouts (stored, tiled or scattered; recomputed) and shapes that include a 0-d-like
-tensor, odd sizes and a non-contiguous view. Fresh random inputs per seed. The per-tensor ones run
-eagerly here (test_compile.py compiles them); Triton under its interpreter (CUDA: bench/gpu_check.py)."""
+"""The implementation sweep, declared once: every implementation `functional.select_impl` can pick x
+dtype x layout (`LayoutKind`, with Delta tiled or scattered) x device, through the functional core
+(`mechanic_sums`, `mechanic_update`), against float64 math and against each other, on shapes that
+include a 0-d-like tensor, odd sizes and a non-contiguous view. Fresh random inputs per seed. CUDA rows
+skip without a GPU; the per-tensor implementations run eagerly here (compile/test_compiled_step.py
+compiles them); Triton runs under its interpreter on CPU (compiled on CUDA)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,31 @@ import torch
 
 from mechanic_fast import _buffers, _foreach, functional
 from mechanic_fast._buffers import FlatCopy, Tiled, Workspace
-from mechanic_fast._plan import GroupPlan, Scales
+from mechanic_fast._plan import GroupPlan, LayoutKind, Scales
 from mechanic_fast.functional import mechanic_sums, mechanic_update
 
 SHAPES = [(1,), (7,), (33, 5), (300,)]
+IMPLS = ["foreach", "foreach_per_tensor", "per_tensor", "per_tensor_opaque_sums", "triton"]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")),
+]
+# each layout of the state: (its kind, Delta tiling one buffer or scattered over tensors)
+LAYOUTS = {
+    "x_ref+delta": (LayoutKind.X_REF_DELTA, True),
+    "delta": (LayoutKind.DELTA, True),
+    "x_ref+delta/scattered": (LayoutKind.X_REF_DELTA, False),
+    "x_ref": (LayoutKind.X_REF, True),
+}
 
 
-def _impls():
-    impls = {
+def _impl(name, device="cpu"):
+    """The implementation `name`, or a skip where it cannot run on `device`."""
+    if name == "triton":
+        if not functional.triton_runnable(torch.device(device)):
+            pytest.skip("Triton runs on CUDA, or on CPU under its interpreter (TRITON_INTERPRET=1)")
+        return functional._triton_impl()
+    return {
         i.name: i
         for i in (
             functional.FOREACH,
@@ -26,13 +44,7 @@ def _impls():
             functional.PER_TENSOR,
             functional.PER_TENSOR_OPAQUE_SUMS,
         )
-    }
-    if functional.triton_runnable(torch.device("cpu")):
-        impls["triton"] = functional._triton_impl()
-    return impls
-
-
-IMPLS = sorted(_impls())
+    }[name]
 
 
 def _workspace(name):
@@ -45,7 +57,9 @@ def _tiled(tensors):
     return Tiled([v.view(t.shape) for v, t in zip(views, tensors)])
 
 
-def _inputs(dtype, seed, non_contiguous=False):
+def _inputs(dtype, seed, non_contiguous=False, device="cpu"):
+    """x, g, x_ref near x, and a small Delta: random in float64 on the CPU (the same values on every
+    device), then cast and moved."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s: torch.randn(s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = [rand(s).to(dtype) for s in SHAPES]
@@ -54,28 +68,34 @@ def _inputs(dtype, seed, non_contiguous=False):
     g = [rand(s).to(dtype) for s in SHAPES]
     ref = [(t.double() + 1e-2 * rand(t.shape)).to(dtype) for t in x]
     delta = [1e-2 * rand(s).to(dtype) for s in SHAPES]
-    return x, g, ref, delta
+    return tuple([t.to(device) for t in ts] for ts in (x, g, ref, delta))
+
+
+def _cpu(tensors):
+    return None if tensors is None else [t.cpu() for t in tensors]
 
 
 def _dot(a, b):
-    return sum((u.double() * v.double()).sum() for u, v in zip(a, b))
+    return sum((u.double().cpu() * v.double().cpu()).sum() for u, v in zip(a, b))
 
 
 def _non_contiguous_ok(name):
     return name != "triton"  # select_impl never hands Triton a non-contiguous tensor
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("x_sums", [True, False])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_sums_match_float64(name, dtype, store_delta, x_sums, maximize, seed):
-    impl = _impls()[name]
-    x, g, ref, delta = _inputs(dtype, seed, non_contiguous=_non_contiguous_ok(name))
+def test_sums_match_float64(device, name, dtype, store_delta, x_sums, maximize, seed):
+    impl = _impl(name, device)
+    x, g, ref, delta = _inputs(dtype, seed, _non_contiguous_ok(name), device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     stored = _tiled(delta) if store_delta else None
     plan = GroupPlan(x, _tiled(ref), stored, impl, acc, maximize=maximize, workspace=_workspace(name))
+    assert plan.kind == (LayoutKind.X_REF_DELTA if store_delta else LayoutKind.X_REF)
     sums, copy = mechanic_sums(plan, g, x_sums=x_sums)
     direction = delta if store_delta else [a.double() - b.double() for a, b in zip(x, ref)]
     zero = torch.tensor(0.0, dtype=torch.float64)
@@ -87,51 +107,49 @@ def test_sums_match_float64(name, dtype, store_delta, x_sums, maximize, seed):
             _dot(x, x) if x_sums else zero,
         ]
     )
-    assert sums.dtype == acc
+    assert sums.dtype == acc and sums.device.type == device
     everything = x + g + [t.double().abs() for t in direction]
     magnitude = _dot([t.abs() for t in everything], [t.abs() for t in everything])
     tolerance = (1e-12 if dtype == torch.float64 else 1e-5) * magnitude
-    assert ((sums.double() - expected).abs() <= tolerance).all(), (seed, sums, expected)
+    assert ((sums.double().cpu() - expected).abs() <= tolerance).all(), (seed, sums, expected)
     copied = torch.split(copy.flat, copy.numels) if isinstance(copy, FlatCopy) else copy.tensors
     assert all(torch.equal(c.reshape(t.shape), t) for c, t in zip(copied, x))  # an exact copy of x_t
 
 
-def _step(name, dtype, seed, delta_layout, non_contiguous):
-    """x_t -> copy (mechanic_sums) -> a base step -> mechanic_update, as a Mechanic step runs them."""
-    impl = _impls()[name]
-    x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous=non_contiguous)
+def _step(name, dtype, seed, layout, non_contiguous, device="cpu"):
+    """x_t -> copy (mechanic_sums) -> a base step -> mechanic_update, as a Mechanic step runs them; all
+    returned on the CPU."""
+    impl = _impl(name, device)
+    x_t, g, ref, delta = _inputs(dtype, seed, non_contiguous, device)
     params = [t.clone() for t in x_t]
     if non_contiguous:
         params[2] = x_t[2].clone().t().contiguous().t()  # keep the transposed layout
-    workspace = _workspace(name)
-    stored = {
-        "tiled": _tiled(delta),
-        "delta_only": _tiled(delta),
-        "scattered": [t.clone() for t in delta],
-        "recomputed": None,
-    }[delta_layout]
-    ref = None if delta_layout == "delta_only" else _tiled(ref)
-    plan = GroupPlan(params, ref, stored, impl, torch.float64, workspace=workspace)
+    kind, tiled = LAYOUTS[layout]
+    stored = None if kind == LayoutKind.X_REF else (_tiled(delta) if tiled else [t.clone() for t in delta])
+    ref = None if kind == LayoutKind.DELTA else _tiled(ref)
+    plan = GroupPlan(params, ref, stored, impl, torch.float64, workspace=_workspace(name))
+    assert plan.kind == kind
     _, copy = mechanic_sums(plan, g)
     for p, u in zip(params, g):  # what a base step leaves in the parameters
         p.sub_(1e-3 * u)
-    mechanic_update(plan, copy, Scales(*(torch.tensor(v, dtype=dtype) for v in (SCALE, SCALE_OLD, DENOM))))
-    return x_t, g, ref, delta, params, stored
+    scales = Scales(*(torch.tensor(v, dtype=dtype, device=device) for v in (SCALE, SCALE_OLD, DENOM)))
+    mechanic_update(plan, copy, scales)
+    return _cpu(x_t), _cpu(g), _cpu(ref), _cpu(delta), _cpu(params), _cpu(stored)
 
 
 SCALE, SCALE_OLD, DENOM = 0.37, 0.29, 0.21
-LAYOUTS = ["tiled", "delta_only", "scattered", "recomputed"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("delta_layout", LAYOUTS)
-def test_update_matches_float64(name, dtype, delta_layout, seed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_update_matches_float64(device, name, dtype, layout, seed):
     """x = x_ref + S * (Delta + x_base - x_t), or without x_ref x_t + S * Delta_new - S_old * Delta,
     Delta advanced in place when stored."""
-    if name == "triton" and delta_layout == "scattered":
+    if name == "triton" and layout.endswith("scattered"):
         pytest.skip("Triton reads Delta where it is; a scattered one is contiguous per tensor (covered)")
-    x_t, g, ref, delta, params, stored = _step(name, dtype, seed, delta_layout, _non_contiguous_ok(name))
+    x_t, g, ref, delta, params, stored = _step(name, dtype, seed, layout, _non_contiguous_ok(name), device)
 
     def f64(ts):
         return [t.double() for t in ts]
@@ -161,18 +179,21 @@ def test_update_matches_float64(name, dtype, delta_layout, seed):
             torch.testing.assert_close(s.double(), e, rtol=rtol, atol=rtol * 1e-3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [16, 1 << 18])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("delta_layout", ["tiled", "delta_only", "recomputed"])
-def test_every_implementation_rounds_the_update_alike(monkeypatch, dtype, delta_layout, chunk, seed):
+@pytest.mark.parametrize("layout", ["x_ref+delta", "delta", "x_ref"])
+def test_every_implementation_rounds_the_update_alike(monkeypatch, device, dtype, layout, chunk, seed):
     """One rounding order: eagerly, every implementation writes the same bits into x and Delta. (Triton
     forms bfloat16 values in float32 and rounds once at the end: within one bfloat16 step of the others.)
     Chunks of 16 elements: the flat update without x_ref gathers groups of small tensors and reads the
     long ones where they are, a chunk at a time."""
     monkeypatch.setattr(_buffers, "SUM_CHUNK", chunk)
-    if dtype == torch.bfloat16 and delta_layout == "recomputed":
+    monkeypatch.setattr(_buffers, "SUM_CHUNK_ACCELERATOR", chunk)
+    if dtype == torch.bfloat16 and layout == "x_ref":
         pytest.skip("Delta is always stored for bfloat16 parameters")
-    results = {name: _step(name, dtype, seed, delta_layout, False)[4:] for name in IMPLS}
+    runnable = [n for n in IMPLS if n != "triton" or functional.triton_runnable(torch.device(device))]
+    results = {name: _step(name, dtype, seed, layout, False, device)[4:] for name in runnable}
     first_x, first_delta = results["foreach"]
     for name, (x, delta) in results.items():
         pairs = list(zip(x, first_x)) + (list(zip(delta, first_delta)) if delta is not None else [])
@@ -180,10 +201,10 @@ def test_every_implementation_rounds_the_update_alike(monkeypatch, dtype, delta_
             # within a bfloat16 step of the values formed (two without x_ref: x goes through four
             # roundings, which some interpreter versions truncate); a result near 0 that cancels
             # operands of order 1 within a step of those
-            rtol = 2**-6 if delta_layout == "delta_only" else 2**-7
+            rtol = 2**-6 if layout == "delta" else 2**-7
             for a, b in pairs:
                 torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
-        elif name == "triton" and not _interpreted_fma_is_fused():
+        elif name == "triton" and device == "cpu" and not _interpreted_fma_is_fused():
             # some Triton interpreters round tl.fma's product before the sum (GPUs fuse it): within one
             # rounding of the others there, of the operands (randn, a few units) where a result near 0
             # cancels them
@@ -203,7 +224,7 @@ def _interpreted_fma_is_fused() -> bool:
     return out.item() != 0
 
 
-if "triton" in IMPLS:
+if functional.triton_runnable(torch.device("cpu")):
     import triton
     import triton.language as tl
 

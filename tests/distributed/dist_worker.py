@@ -1,4 +1,4 @@
-"""One rank of the multi-process tests in test_distributed.py / test_dcp.py (gloo on 127.0.0.1).
+"""One rank of the multi-process tests in test_ddp_fsdp2_against_one_process.py (gloo on 127.0.0.1).
 
 usage: python dist_worker.py RANK WORLD PORT MODE OUT [BASE CKPT_DIR]
 MODE ddp | fsdp: train STEPS steps; rank 0 writes the parameters, the scale and Mechanic's collectives.

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_snapshot, flatten
+from helpers import assert_same_snapshot, flatten
 
 from mechanic_fast import _foreach, mechanize
 

@@ -3,56 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import HANG_LIMIT_S
 from dist_problem import STEPS, batch, make_model, make_opt, result, train
+from helpers import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 HERE = os.path.dirname(__file__)
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def launch(script: str, world: int, args, attempts: int = 3) -> None:
-    """Run `script RANK WORLD PORT *args` as every rank; if one fails, stop the others at once (no
-    waiting on a dead peer) and show all logs. A port taken between choosing it and binding it is
-    retried with a new one."""
-    for attempt in range(attempts):
-        port = free_port()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, os.path.join(HERE, script), str(r), str(world), port, *args],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            for r in range(world)
-        ]
-        deadline = time.monotonic() + HANG_LIMIT_S
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = "\n".join(
-            f"--- rank {r} (exit {p.wait()})\n{p.stdout.read().decode()}" for r, p in enumerate(procs)
-        )
-        if all(p.returncode == 0 for p in procs):
-            return
-        if "address already in use" not in logs.lower() or attempt == attempts - 1:
-            raise AssertionError(logs)
 
 
 def run_ranks(mode: str, tmp_path, world: int = 2, extra=()) -> dict:

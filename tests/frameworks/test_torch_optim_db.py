@@ -4,7 +4,7 @@ keeps. Mechanic changes the trajectory on purpose (it rescales every base update
 compare mechanized runs with each other, never with the bare optimizer, except for progress.
 
 LBFGS and SparseAdam are refused by `mechanize` (tested here too); configs with differentiable=True
-are refused at construction (tested in test_correctness.py).
+are refused at construction (tested in update_math/test_models_and_options_torch_accepts.py).
 """
 
 from __future__ import annotations
