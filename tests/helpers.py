@@ -240,3 +240,18 @@ def reference_trajectory(
         if after_step is not None:
             after_step(t)
     return all_x, scales
+
+
+def small_linear(seed=1, dtype=torch.float32):
+    """A seeded Linear(4, 3)."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 3).to(dtype)
+
+
+def random_grad_steps(opt, params, steps, seed=0, skip=()):
+    """`steps` steps on fresh gradients, none for the parameters at the indices in `skip`."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if i in skip else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()

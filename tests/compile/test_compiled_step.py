@@ -203,3 +203,20 @@ def test_inductor_options_give_the_same_code_in_a_smaller_fusion_search(monkeypa
     assert codes[0] == codes[1]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["torch.compile", "compile=True"])
+def test_skipped_steps_are_counted_when_the_step_is_compiled(how):
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = mechanize(torch.optim.AdamW, skip_nonfinite=True, compile=how == "compile=True")([w], lr=0.1)
+    step = torch.compile(opt.step) if how == "torch.compile" else opt.step
+    for i in range(4):
+        w.grad = 2 * w.detach()
+        if i == 2:
+            w.grad[0] = float("nan")
+        before = w.detach().clone()
+        step()
+        if i == 2:  # the skipped step changes nothing
+            assert torch.equal(before, w.detach())
+    assert opt.mechanic_skipped_steps == 1

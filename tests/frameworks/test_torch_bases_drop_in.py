@@ -166,16 +166,6 @@ def test_base_may_reevaluate_the_closure(problem):
     assert torch.isfinite(loss) and len(n) == 2  # ours, then the base's second call (its first is ours)
 
 
-@pytest.mark.parametrize("Base", [torch.optim.LBFGS, torch.optim.SparseAdam])
-def test_bases_mechanic_would_silently_break_are_refused_at_mechanize(Base):
-    with pytest.raises(TypeError, match=Base.__name__):
-        mechanize(Base)
-    opt = Base([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-    with pytest.raises(TypeError, match=Base.__name__):
-        mechanize(opt)
-    assert type(opt) is Base
-
-
 def test_lr_scheduler_drives_the_base_lr(problem):
     x = problem.params()
     opt = mechanize(torch.optim.AdamW, lr_invariant=False)(x, lr=0.1)
@@ -234,3 +224,27 @@ def test_no_grad_at_all_is_a_base_step(problem):
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(x, before))
     assert not opt.state and opt.param_groups[0]["mechanic"]["step"].item() == 0
+
+
+def test_mechanize_an_instance_in_place_keeps_its_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    exp_avg = opt.state[model.weight]["exp_avg"].clone()
+    same = mechanize(opt, s_decay=0.0, lr_invariant=False)
+    assert same is opt and isinstance(opt, torch.optim.Adam)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
+    posts = []
+    opt.register_step_post_hook(lambda *a: posts.append(1))
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+    assert posts == [1] and opt._mechanic_spec.config.s_decay == 0.0
+    assert opt.mechanic_scale.item() == pytest.approx(1e-6, rel=1e-3)  # Mechanic starts here
+    with pytest.raises(TypeError, match="already mechanized"):
+        mechanize(opt)

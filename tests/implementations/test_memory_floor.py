@@ -1,4 +1,4 @@
-"""Mechanic at its memory floor (issue 29), counted in live tensor bytes: every tensor the garbage
+"""Mechanic at its memory floor, counted in live tensor bytes: every tensor the garbage
 collector can reach, one count per storage, beyond the parameters, their gradients and the base
 optimizer's own state. Resident: what lives between steps; in a step: what lives when the update starts
 (the x_t copy beside Mechanic's state)."""

@@ -1,4 +1,6 @@
-"""Mixed precision, AMP, non-finite gradients, bad input, and mechanizing an existing optimizer."""
+"""Mixed precision, AMP's GradScaler and non-finite gradients: sums accumulate in float32, a bfloat16
+model tracks the float32 run, scaled gradients give the unscaled result, and skip_nonfinite skips
+without a trace."""
 
 from __future__ import annotations
 
@@ -162,72 +164,6 @@ def test_default_nonfinite_gradient_propagates_like_the_base_optimizer():
 
 
 # ----------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "options,match",
-    [
-        (dict(s_init=0.0), "s_init"),
-        (dict(s_init=-1e-8), "s_init"),
-        (dict(betas=()), "betas"),
-        (dict(betas=(0.9, 1.0)), "beta"),
-        (dict(betas=(0.0,)), "beta"),
-        (dict(eps=-1e-8), "eps"),
-        (dict(s_decay=-0.1), "s_decay"),
-        (dict(variant="optax"), "variant"),
-        (dict(backend="cuda"), "backend"),
-        (dict(log_every=-1), "log_every"),
-        (dict(eps=float("nan")), "eps"),
-    ],
-)
-def test_invalid_options_raise_value_error(options, match):
-    with pytest.raises(ValueError, match=match):
-        mechanize(torch.optim.SGD, **options)
-
-
-@pytest.mark.parametrize("not_an_optimizer", [int, "SGD", None, torch.nn.Linear])
-def test_non_optimizer_raises_type_error(not_an_optimizer):
-    with pytest.raises(TypeError, match="Optimizer"):
-        mechanize(not_an_optimizer)
-
-
-def test_sparse_gradients_are_refused_before_anything_changes():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = mechanize(torch.optim.SGD)(emb.parameters(), lr=0.1)
-    before = emb.weight.detach().clone()
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse gradients"):
-        opt.step()
-    assert torch.equal(before, emb.weight) and not opt.state
-    assert opt.param_groups[0]["mechanic"]["step"].item() == 0
-
-
-def test_complex_parameters_are_refused_clearly():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    opt = mechanize(torch.optim.Adam)([p], lr=0.1)
-    p.grad = torch.randn_like(p)
-    with pytest.raises(RuntimeError, match="complex"):
-        opt.step()
 
 
 # ------------------------------------------------------------------------- mechanizing an instance
-def test_mechanize_an_instance_in_place_keeps_its_state():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    x = torch.randn(8, 4)
-    for _ in range(3):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-    exp_avg = opt.state[model.weight]["exp_avg"].clone()
-    same = mechanize(opt, s_decay=0.0, lr_invariant=False)
-    assert same is opt and isinstance(opt, torch.optim.Adam)
-    assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
-    posts = []
-    opt.register_step_post_hook(lambda *a: posts.append(1))
-    opt.zero_grad()
-    model(x).pow(2).mean().backward()
-    opt.step()
-    assert posts == [1] and opt._mechanic_spec.config.s_decay == 0.0
-    assert opt.mechanic_scale.item() == pytest.approx(1e-6, rel=1e-3)  # Mechanic starts here
-    with pytest.raises(TypeError, match="already mechanized"):
-        mechanize(opt)
