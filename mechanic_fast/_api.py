@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _distributed, _named, _torch
-from ._config import MechanicConfig, usual_lr
+from ._config import MechanicConfig
 from ._instance import mechanize_instance, unwrap
 from ._named import check_base
 from .optimizer import Mechanic, MechanicSpec, _default_log_func
@@ -185,7 +185,7 @@ def mechanized_class(
     """The mechanized subclass of `Base`, one per (base, options, log_func, partition group): an optimizer,
     its deepcopy and its unpickled copy share it. With the default options, a torch.optim base's is
     the named class `mechanic_fast.optim.<Name>`."""
-    cfg = dataclasses.replace(cfg, usual_lr=usual_lr(Base))  # the lr-invariant mode's unit for this base
+    cfg = cfg.for_base(Base)
     if log_func is None and partition_group is None and _named.nameable(Base) and cfg == _default(Base):
         return named_class(Base)
     key = (Base, cfg, log_func, partition_group)
@@ -238,7 +238,7 @@ def _default_options() -> Dict[str, Any]:
 
 def _default(Base: type) -> MechanicConfig:
     """The options `mechanize(Base)` settles with nothing given."""
-    return dataclasses.replace(MechanicConfig(**_default_options()), usual_lr=usual_lr(Base))
+    return MechanicConfig(**_default_options()).for_base(Base)
 
 
 def named_class(Base: type) -> type:
@@ -269,7 +269,7 @@ def _instance_options(Base: type, options: Dict[str, Any]) -> Dict[str, Any]:
     if partition_group is not None:
         _distributed.check_process_group(partition_group)
     return {
-        "config": dataclasses.replace(cfg, usual_lr=usual_lr(Base)),
+        "config": cfg.for_base(Base),
         "log_func": log_func or _default_log_func,
         "partition_group": None if partition_group is None else _distributed.GroupRef(partition_group),
     }

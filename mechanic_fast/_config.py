@@ -93,6 +93,10 @@ class MechanicConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
+    def for_base(self, base: type) -> MechanicConfig:
+        """This config for a base optimizer class: its usual lr, the lr-invariant mode's fallback unit."""
+        return replace(self, usual_lr=usual_lr(base))
+
     def with_store_delta(self) -> MechanicConfig:
         """This config with `store_delta` decided (None: True, for parameters of every dtype).
 
