@@ -169,15 +169,6 @@ def test_plain_base_checkpoint_starts_mechanic_from_there():
         assert delta.abs().max() > 1e-3
 
 
-def _trained(problem, make_opt, steps):
-    x = problem.params()
-    opt = make_opt(x)
-    for t in range(steps):
-        problem.grad_step(x, t)
-        opt.step()
-    return x, opt
-
-
 @pytest.mark.parametrize("Base", [torch.optim.Adagrad, torch.optim.AdamW, torch.optim.SGD])
 def test_a_fresh_optimizer_loads_its_own_state_dict(Base):
     """Adagrad makes its state when it is made, before Mechanic has any: that is not a checkpoint with
