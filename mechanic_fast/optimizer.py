@@ -1,11 +1,10 @@
 """`Mechanic`: the mixin that makes a torch optimizer class Mechanic-tuned (`mechanize` builds it).
 
-The class only orchestrates and keeps state where torch keeps it. One step, with x_t the parameters
-before it: the inner products over every parameter with a gradient and a copy of x_t
-(`functional.mechanic_sums`, per group of `_layout`; added over ranks), the base optimizer's own step
-(x_t -> x_base), then the tuner's scalar step (`tuner.step`) and the update x = x_ref + S * Delta
-(`functional.mechanic_update`). Nothing in a step reads a tensor's value on the host, except on
-logging steps and with skip_nonfinite.
+The class only sequences a step and keeps state where torch keeps it. One step, with x_t the
+parameters before it: the inner products over every parameter with a gradient and a copy of x_t (per
+group plan, added over ranks: `_step.sums`), the base optimizer's own step (x_t -> x_base), then the
+tuner's scalar step and the update x = x_ref + S * Delta (`_step.update`); docs/design.md draws it.
+Nothing in a step reads a tensor's value on the host, except on logging steps and with skip_nonfinite.
 """
 
 from __future__ import annotations
