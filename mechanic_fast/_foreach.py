@@ -75,6 +75,19 @@ def _route(
 Sums = List[Optional[Tensor]]
 
 
+class _Call(NamedTuple):
+    """One `inner_products` call's inputs beside the direction, as both layouts' sums read them."""
+
+    g: Optional[Sequence[Tensor]]
+    x: Optional[Sequence[Tensor]]
+    route: _Route
+    numel: int
+    acc_dtype: torch.dtype
+    x_sums: bool
+    copy_x: bool
+    workspace: Optional[Workspace]
+
+
 def inner_products(
     d: TensorsOrCopy,
     d_ref: Optional[Sequence[Tensor]],
@@ -104,11 +117,11 @@ def inner_products(
     aligned = x if x is not None else g  # the lists are aligned: any one gives the element count
     numel = total_numel(aligned, d, d_ref) if aligned is not None else 0
     sums: Sums = [None] * 4
-    args = (g, x, route, numel, acc_dtype, x_sums, copy_x, workspace, sums)
+    call = _Call(g, x, route, numel, acc_dtype, x_sums, copy_x, workspace)
     if d_ref is None:
-        d_flat, x_flat = _stored_delta_sums(flat(d), *args)
+        d_flat, x_flat = _stored_delta_sums(flat(d), call, sums)
     else:
-        d_flat, x_flat = _recomputed_delta_sums(d, d_ref, *args)
+        d_flat, x_flat = _recomputed_delta_sums(d, d_ref, call, sums)
     if x_flat is not None and x_sums and sums[1] is None:
         dots, norms = _row_sums(x_flat, d_flat, acc_dtype, workspace)
         sums[1], sums[3] = dots[0], norms[0]
@@ -117,20 +130,10 @@ def inner_products(
     return torch.stack([zero if v is None else v for v in sums]), copy
 
 
-def _stored_delta_sums(
-    d_flat: Tensor,
-    g: Optional[Sequence[Tensor]],
-    x: Optional[Sequence[Tensor]],
-    route: _Route,
-    numel: int,
-    acc_dtype: torch.dtype,
-    x_sums: bool,
-    copy_x: bool,
-    workspace: Optional[Workspace],
-    sums: Sums,
-) -> Tuple[Tensor, Optional[Tensor]]:
+def _stored_delta_sums(d_flat: Tensor, call: _Call, sums: Sums) -> Tuple[Tensor, Optional[Tensor]]:
     """The sums of g (and of x where converted with them) into `sums`; returns Delta flat and x_t's
     flat copy, gathered into the buffer the gradients used before it."""
+    g, x, route, numel, acc_dtype, x_sums, copy_x, workspace = call
     x_flat = buffer = None
     if route.shares or (route.need_x and copy_x):
         buffer = workspace_buffer(workspace, "flat", (numel,), x[0])
@@ -155,20 +158,11 @@ def _stored_delta_sums(
 
 
 def _recomputed_delta_sums(
-    d: TensorsOrCopy,
-    d_ref: Sequence[Tensor],
-    g: Optional[Sequence[Tensor]],
-    x: Optional[Sequence[Tensor]],
-    route: _Route,
-    numel: int,
-    acc_dtype: torch.dtype,
-    x_sums: bool,
-    copy_x: bool,
-    workspace: Optional[Workspace],
-    sums: Sums,
+    d: TensorsOrCopy, d_ref: Sequence[Tensor], call: _Call, sums: Sums
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The sums with Delta = d - d_ref (x_t - x_ref) into `sums`: g and x gathered side by side where
     they share a dtype, so that one BLAS mv takes both dots. Returns Delta flat and x_t's flat copy."""
+    g, x, route, numel, acc_dtype, x_sums, copy_x, workspace = call
     both = x_flat = None
     if route.need_x:
         if route.shares:

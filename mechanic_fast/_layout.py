@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _distributed, _state, _torch
-from ._buffers import Tiled, Workspace
+from ._buffers import Tiled, Workspace, total_numel
 from ._plan import GroupPlan
 from .functional import select_impl
 
@@ -194,10 +194,12 @@ class Planner:
             buckets.setdefault((domains[id(p)], local.device, local.dtype, maximize[i]), []).append(i)
         acc = acc_dtype([bucket[2] for bucket in buckets], tuner_dtype)
         plans, plan_grads = [], []
+        tiled = list if compiling else Tiled  # the flat views it finds are eager-only
         for bucket, index in buckets.items():
             plan_grads.append(to_1d([grads[i] for i in index]))
-            layout = (store_delta, acc, compiling)
-            plans.append(self._plan(bucket, index, params, plan_grads[-1], refs, layout, to_1d))
+            plans.append(
+                self._plan(bucket, index, params, plan_grads[-1], refs, store_delta, acc, tiled, to_1d)
+            )
         if not sharded and not compiling:
             self.cached = (key, plans)
         return plans, plan_grads
@@ -209,13 +211,14 @@ class Planner:
         params: List[Tensor],
         grads: List[Tensor],
         refs: Refs,
-        layout: Tuple[bool, torch.dtype, bool],
+        store_delta: bool,
+        acc: torch.dtype,
+        tiled: Callable[[List[Tensor]], List[Tensor]],
         to_1d: Callable[[List[Tensor]], List[Tensor]],
     ) -> GroupPlan:
         """The plan of one bucket of parameters: its tensors, as `_state.keeps_x_ref` lays them out, and
         the implementation, decided here."""
-        (reduce_over, device, _, maximizes), (store_delta, acc, compiling) = bucket, layout
-        tiled = list if compiling else Tiled  # the flat views it finds are eager-only
+        reduce_over, device, _, maximizes = bucket
         entries = [refs[params[i]] for i in index]
         x_ref = delta = None
         if _state.keeps_x_ref(store_delta, params[index[0]]):
@@ -223,9 +226,7 @@ class Planner:
         if store_delta:
             delta = tiled(to_1d([e[_state.DELTA] for e in entries]))
         local = to_1d([params[i] for i in index])
-        tiling = x_ref if x_ref is not None else delta
-        numel = getattr(tiling, "flat", None)
-        numel = numel.numel() if numel is not None else sum(t.numel() for t in local)
+        numel = total_numel(local, x_ref, delta)
         keep = self.keep_workspace if self.keep_workspace is not None else device.type == "cpu"
         workspace = None
         if keep:

@@ -65,9 +65,8 @@ def inner_products(
 ) -> Tuple[Tensor, Optional[ListCopy]]:
     """`_foreach.inner_products` through the op; the copy of x is `_pertensor`'s."""
     copy = _pertensor.copy_of(x, copy_x)
-    d = d.tensors if isinstance(d, ListCopy) else d
     sums = torch.ops.mechanic_fast.inner_products(
-        list(d), list(d_ref or ()), list(g or ()), list(x or ()), acc_dtype, x_sums
+        _pertensor.as_list(d), list(d_ref or ()), list(g or ()), list(x or ()), acc_dtype, x_sums
     )
     return sums, copy
 

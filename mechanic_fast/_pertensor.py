@@ -19,7 +19,7 @@ from ._buffers import FlatCopy, ListCopy, TensorList, Workspace
 from ._plan import Implementation
 
 
-def _tensors(tensors: Any) -> TensorList:
+def as_list(tensors: Any) -> TensorList:
     """The tensors as a plain list (a `ListCopy`'s); a flat copy made by the flat implementation is
     refused."""
     if isinstance(tensors, FlatCopy):
@@ -50,13 +50,13 @@ def inner_products(
     workspace: Optional[Workspace] = None,
 ) -> Tuple[Tensor, Optional[ListCopy]]:
     """``sums = [<d, g>, <d, x>, ||g||^2, ||x||^2]`` and, with ``copy_x``, a copy of x (see `_foreach`)."""
-    d = _tensors(d)
-    x = _tensors(x) if x is not None else None
+    d = as_list(d)
+    x = as_list(x) if x is not None else None
     direction = [a - b for a, b in zip(d, d_ref)] if d_ref is not None else d
     zero = torch.zeros((), dtype=acc_dtype, device=d[0].device)
     sums = [zero] * 4  # those of an absent g (or x) are zero
     if g is not None:
-        g = _tensors(g)
+        g = as_list(g)
         sums[0], sums[2] = _dots(direction, g, acc_dtype), _dots(g, g, acc_dtype)
     if x is not None and x_sums:
         sums[1], sums[3] = _dots(direction, x, acc_dtype), _dots(x, x, acc_dtype)
@@ -74,19 +74,19 @@ def apply_update(
     workspace: Optional[Workspace] = None,
 ) -> None:
     """The update of `_foreach.apply_update`, tensor by tensor, each value rounded as it rounds it."""
-    x, x_t = _tensors(x), _tensors(x_copy)
+    x, x_t = as_list(x), as_list(x_copy)
     if delta is None:
-        for x_i, t_i, ref_i in zip(x, x_t, _tensors(x_ref)):
+        for x_i, t_i, ref_i in zip(x, x_t, as_list(x_ref)):
             # u + Delta with Delta = (x_t - x_ref) / denom
             x_i.copy_(torch.addcmul(ref_i, (x_i - t_i) + (t_i - ref_i) / denom, scale))
     elif x_ref is None:
         grow = scale - scale_old
-        for x_i, t_i, delta_i in zip(x, x_t, _tensors(delta)):
+        for x_i, t_i, delta_i in zip(x, x_t, as_list(delta)):
             u = x_i - t_i
             delta_i.add_(u)  # Delta += u
             x_i.copy_(t_i + torch.addcmul(u * scale_old, delta_i, grow))
     else:
-        for x_i, t_i, ref_i, delta_i in zip(x, x_t, _tensors(x_ref), _tensors(delta)):
+        for x_i, t_i, ref_i, delta_i in zip(x, x_t, as_list(x_ref), as_list(delta)):
             delta_i.sub_(t_i - x_i)  # Delta += u
             x_i.copy_(torch.addcmul(ref_i, delta_i, scale))
 

@@ -26,6 +26,8 @@ class Gathered(NamedTuple):
     new_refs: bool
     entry: Dict[str, Any]  # the tuner
     joins_others: bool
+    cfg: MechanicConfig  # the options the step runs with (`_state.RunCache`)
+    constants: tuner.Constants  # the tuner's, on its device
 
 
 class Before(NamedTuple):
@@ -39,14 +41,13 @@ class Before(NamedTuple):
 
 def sums(
     gathered: Gathered,
-    cfg: MechanicConfig,
     planner: _layout.Planner,
     reduction: _distributed.Reduction,
     partition: Optional[_distributed.GroupRef],
     state: Dict[Tensor, Any],
 ) -> Before:
     """The four sums over every parameter with a gradient, added over ranks, and the x_t copies."""
-    params, grads, maximize, everything, refs, new_refs, entry, _ = gathered
+    params, grads, maximize, everything, refs, new_refs, entry, _, cfg, _ = gathered
     device, tuner_dtype = entry["s"].device, entry["s"].dtype
     domains, _ = reduction.domains(everything)
     plans, plan_grads = planner.plans(
@@ -65,9 +66,9 @@ def sums(
     return Before(total(parts), plans, copies, total)
 
 
-def update(before: Before, entry: Dict[str, Any], constants: tuner.Constants, cfg: MechanicConfig) -> None:
-    """After the base step: the tuner's step, committed to `entry`, and every group's update."""
-    sums = before.sums
+def update(before: Before, gathered: Gathered) -> None:
+    """After the base step: the tuner's step, committed to the tuner entry, and every group's update."""
+    entry, cfg, constants, sums = gathered.entry, gathered.cfg, gathered.constants, before.sums
     if cfg.variant == "mechanic_pytorch":  # its weight-decay term uses x after the base step
         post, _ = group_sums(before.plans, None, x_sums=True, copies=before.copies)
         sums = sums + before.total(post)

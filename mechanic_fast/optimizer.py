@@ -164,7 +164,7 @@ class Mechanic(torch.optim.Optimizer):
         if changes_keys and torch.compiler.is_compiling():
             # a step that creates or changes state keys runs eagerly: traced, it would compile once more
             return self._mechanic_eager_step(closure, loss)
-        cfg, _ = self._mechanic_run.get(entry)
+        cfg, constants = self._mechanic_run.get(entry)
         with torch.no_grad():
             ref_dtype = functools.partial(_state.ref_dtype, self._mechanic_config)
             refs, new_refs = _layout.refs(self.state, params, known, cfg.store_delta, ref_dtype)
@@ -176,7 +176,9 @@ class Mechanic(torch.optim.Optimizer):
 
         with torch.no_grad():
             corrections = _gaps.prepare(resumed, refs, entry, cfg) if resumed else []
-        gathered = _step.Gathered(params, grads, maximize, everything, refs, new_refs, entry, joins_others)
+        gathered = _step.Gathered(
+            params, grads, maximize, everything, refs, new_refs, entry, joins_others, cfg, constants
+        )
         try:
             result = self._mechanic_tuned_step(closure, loss, gathered, bool(stopped))
         except BaseException:
@@ -202,12 +204,11 @@ class Mechanic(torch.optim.Optimizer):
         """The sums, the base step, the tuner and the update (`_step`). Returns the base step's result
         and, if `wants_applied`, the S that made x_t (the tuner's units), or _SKIPPED (skip_nonfinite)
         before anything changed."""
-        entry = gathered.entry
-        cfg, constants = self._mechanic_run.get(entry)
+        entry, cfg = gathered.entry, gathered.cfg
         with torch.no_grad():
             partition = self._mechanic_partition_group
             before = _step.sums(
-                gathered, cfg, self._mechanic_planner, self._mechanic_reduction, partition, self.state
+                gathered, self._mechanic_planner, self._mechanic_reduction, partition, self.state
             )
             if cfg.skip_nonfinite and _skips(self, before.sums, gathered):
                 return _SKIPPED  # nothing was committed yet
@@ -218,7 +219,7 @@ class Mechanic(torch.optim.Optimizer):
             applied = tuner.effective_scale(state, cfg).clone() if wants_applied else None
         result = self._mechanic_base_step(closure, loss)
         with torch.no_grad():
-            _step.update(before, entry, constants, cfg)
+            _step.update(before, gathered)
         return result, applied
 
     def _mechanic_base_step(self, closure: Optional[Callable[[], Any]], loss: Any) -> Any:
