@@ -205,9 +205,7 @@ def _parse_tuner(
     device = params[0].device if params else torch.device("cpu")
     dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
     n = len(cfg.betas)
-    out: Dict[str, Any] = {}
-    if cfg.lr_invariant:
-        out["lr_ref"] = _state.reference_lr(entry.get("lr_ref"))
+    out: Dict[str, Any] = _parse_units(entry, source) if cfg.lr_invariant else {}
     for name in tuner.TunerState._fields:
         value = entry.get(name)
         if not torch.is_tensor(value):
@@ -233,13 +231,22 @@ def _parse_tuner(
     return out
 
 
+def _parse_units(entry: Dict[str, Any], source: Any) -> Dict[str, Any]:
+    """An lr-invariant tuner's reference lr and base lr factor (none in earlier versions' checkpoints)."""
+    out = {"lr_ref": _state.reference_lr(entry.get("lr_ref"))}
+    factor = entry.get(_state.BASE_LR_FACTOR, 1.0)
+    if not _state.is_power_of_two(factor):
+        raise ValueError(f"{source.owner} Mechanic {_state.BASE_LR_FACTOR} is not a power of two: {factor!r}")
+    return {**out, _state.BASE_LR_FACTOR: float(factor)} if _state.BASE_LR_FACTOR in entry else out
+
+
 def _applied_scale(entry: Dict[str, Any], cfg: MechanicConfig, ours: Dict[str, Tensor]) -> float:
     """The S a saved parameter was made with, in the parameters' units (a host read, once, while
     loading): its record where it skipped steps (`_gaps`), else the tuner's; a tiny positive number
     where that is 0 (mechanic_pytorch's first steps: x = x_ref there, so Delta = 0)."""
     raw = ours.get(_gaps.X_SCALE)
     raw = tuner.effective_scale(_state.tuner_state(entry), cfg) if raw is None else raw
-    return max(float(raw), torch.finfo(torch.float64).tiny) / _state.lr_ref(entry)
+    return max(float(raw), torch.finfo(torch.float64).tiny) / _state.delta_unit(entry)
 
 
 def _recompute_delta(

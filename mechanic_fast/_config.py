@@ -27,6 +27,21 @@ ADAM_LIKE_LR = 1e-3
 SGD_LIKE_LR = 0.1
 
 
+# torch.optim bases whose update, weight decay included, is proportional to their lr whatever their other
+# options (not Adagrad: its lr_decay divides by the lr; not Rprop, ASGD or Adafactor)
+LR_PROPORTIONAL = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+    *((torch.optim.Muon,) if hasattr(torch.optim, "Muon") else ()),
+)
+
+
 def usual_lr(base: type) -> float:
     """The usual lr of a base optimizer class: SGD's (gradient-sized updates) or Adam's (normalised)."""
     return SGD_LIKE_LR if issubclass(base, torch.optim.SGD) else ADAM_LIKE_LR
@@ -52,6 +67,9 @@ class MechanicConfig:
     # the base's usual lr (`usual_lr`, set per base class by `mechanize`): the lr-invariant default's
     # reference where group 0's lr is 0
     usual_lr: float = ADAM_LIKE_LR
+    # whether the base's update is proportional to its lr (`LR_PROPORTIONAL`, set per base class): the
+    # lr-invariant mode then runs its step at a power-of-two multiple of the lr near its usual one
+    base_lr_proportional: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -89,13 +107,14 @@ class MechanicConfig:
             raise ValueError(f"store_delta must be None or a bool, got {self.store_delta!r}")
         if self.keep_workspace is not None and not isinstance(self.keep_workspace, bool):
             raise ValueError(f"keep_workspace must be None or a bool, got {self.keep_workspace!r}")
-        for name in ("compile", "skip_nonfinite"):
+        for name in ("compile", "skip_nonfinite", "base_lr_proportional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def for_base(self, base: type) -> MechanicConfig:
-        """This config for a base optimizer class: its usual lr, the lr-invariant mode's fallback unit."""
-        return replace(self, usual_lr=usual_lr(base))
+        """This config for a base optimizer class: its usual lr (the lr-invariant mode's fallback unit) and
+        whether its update is proportional to its lr."""
+        return replace(self, usual_lr=usual_lr(base), base_lr_proportional=issubclass(base, LR_PROPORTIONAL))
 
     def with_store_delta(self) -> MechanicConfig:
         """This config with `store_delta` decided (None: True, for parameters of every dtype).

@@ -72,7 +72,7 @@ def prepare(
     out = []
     state = _state.tuner_state(tuner_entry)
     applied, raw = tuner.effective_scale(state, cfg), state.s.sum()
-    lr_ref = _state.lr_ref(tuner_entry)
+    unit = _state.delta_unit(tuner_entry)
     for p, entry in resumed_params.items():
         ours = refs[p]
         if _state.X_REF in ours and _state.DELTA in ours:
@@ -81,7 +81,7 @@ def prepare(
         s_p = entry[X_SCALE].to(applied.device, applied.dtype)
         wide = torch.promote_types(applied.dtype, x.dtype)
         if _state.DELTA in ours:
-            factor = ((applied - s_p) / lr_ref).to(x.device, wide)
+            factor = ((applied - s_p) / unit).to(x.device, wide)
             delta = _distributed.local(ours[_state.DELTA])
             out.append(Correction(x, (delta.to(wide) * factor).to(x.dtype), None, None))
         else:

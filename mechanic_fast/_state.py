@@ -11,7 +11,9 @@ hooks handle it with no special case):
   one flat buffer, which the foreach backend reads without a gather. Prefixed names: a base
   optimizer's own keys never collide with ours.
 - ``param_groups[0]["mechanic"]``: the tuner, a dict of s, r, m, v (one entry per beta), its step count
-  and the options that give them meaning (variant, betas, store_delta). The tuner is global, not
+  and the options that give them meaning (variant, betas, store_delta; in the lr-invariant mode its
+  reference lr, ``lr_ref``, and ``base_lr_factor``, the factor the base's lrs are multiplied by in its
+  step: Delta is the sum of the base's updates at those lrs). The tuner is global, not
   per-parameter, and it must keep its float32/float64 dtype: `load_state_dict` casts per-parameter
   floating state to the parameter's dtype (bf16 for a bf16 model), while param-group values are kept
   verbatim; DCP's `get_state_dict` keeps only parameter-keyed `state` (another key there breaks its
@@ -37,6 +39,7 @@ from ._config import MechanicConfig
 TUNER_KEY = "mechanic"  # in param_groups[0]
 X_REF = "mechanic_x_ref"  # in state[p]
 DELTA = "mechanic_delta"  # in state[p], where Delta is stored
+BASE_LR_FACTOR = "base_lr_factor"  # in the tuner entry (`settle_lr_ref`)
 X_SCALE = "mechanic_x_scale"  # in state[p] while p skips steps: the S its x was made with (`_gaps`)
 MECHANIC_PYTORCH_KEY = "_mechanic"  # mechanic-pytorch keeps its state under this `state` key
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -96,15 +99,40 @@ def lr_ref_pending(entry: Optional[Dict[str, Any]]) -> bool:
     return entry is not None and "lr_ref" in entry and int(entry["step"]) == 0
 
 
-def settle_lr_ref(entry: Dict[str, Any], group: Dict[str, Any]) -> None:
+def settle_lr_ref(entry: Dict[str, Any], group: Dict[str, Any], cfg: MechanicConfig) -> None:
     """At the first step of an lr-invariant tuner, its reference lr from what the user gave: the lr an LR
     scheduler started group 0 from (`initial_lr`), else group 0's lr now, else the one it was made with.
     So scaling every lr the user gives (the optimizer's, a scheduler's max_lr or base_lr) by a constant
-    scales the reference with them, whichever scheduler replaced the optimizer's lr when it was made."""
+    scales the reference with them, whichever scheduler replaced the optimizer's lr when it was made.
+    With it, the factor the base's lrs are multiplied by in its step (`base_lr_factor`)."""
     for lr in (group.get("initial_lr"), group.get("lr")):
         if _is_positive(lr):
             entry["lr_ref"] = lr_value(lr)
-            return
+            break
+    entry[BASE_LR_FACTOR] = base_lr_factor(cfg, entry["lr_ref"])
+
+
+# A base lr below this many times the base's usual lr is raised near it in the base's step: Mechanic's
+# scale on the base's updates, S * lr / (lr * factor), is then below 1 for effective lrs up to this many
+# times the usual one, and a scale <= 1 does not magnify the base's rounding. 2^60 keeps a float32 lr
+# tensor times the factor finite.
+BASE_LR_HEADROOM = 64.0
+_MAX_FACTOR_EXPONENT = 60
+
+
+def base_lr_factor(cfg: MechanicConfig, lr_ref: float) -> float:
+    """What the base's lrs are multiplied by in its step: for a base whose update is proportional to its
+    lr, and a reference lr below BASE_LR_HEADROOM times its usual lr, the power of two that brings lr_ref
+    nearest that; else 1. The base steps at lr * factor and Mechanic applies S / factor to its update:
+    the same update, but the base's own rounding of x_base (half an ulp of x, in u = x_base - x_t) is that
+    of a step at least as large as the one applied, where a small lr leaves u a few ulps of x and S > 1
+    multiplies its rounding error. A power of two is exact in every float format. A larger lr stays: a
+    step larger than the one applied costs nothing (x_t carries x in the update), and a base at its
+    given lr keeps the range its user chose."""
+    if not cfg.base_lr_proportional:
+        return 1.0
+    exponent = round(math.log2(BASE_LR_HEADROOM * cfg.usual_lr / lr_ref))
+    return 2.0 ** min(_MAX_FACTOR_EXPONENT, max(0, exponent))
 
 
 def reference_lr(lr: Any) -> float:
@@ -119,6 +147,21 @@ def reference_lr(lr: Any) -> float:
 def lr_ref(entry: Dict[str, Any]) -> float:
     """The reference lr of an lr-invariant tuner; 1 (no rescaling) otherwise."""
     return entry.get("lr_ref", 1.0)
+
+
+def is_power_of_two(value: Any) -> bool:
+    """Whether `value` is a real number 2^k (a `base_lr_factor`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number > 0 and math.frexp(number)[0] == 0.5
+
+
+def delta_unit(entry: Dict[str, Any]) -> float:
+    """What Delta is measured in, for the tuner: the reference lr times the factor the base's lrs ran at
+    (Delta is the sum of the base's updates at lr * factor; 1 where there is none, as in checkpoints
+    made before it existed)."""
+    return lr_ref(entry) * entry.get(BASE_LR_FACTOR, 1.0)
 
 
 def run_config(cfg: MechanicConfig, entry: Dict[str, Any]) -> MechanicConfig:
@@ -241,7 +284,7 @@ def advance_tuner(
     (S_new, S_old, denom) for the update (`tuner.step`). One copy_ per vector: inductor misorders a
     _foreach_copy_ whose sources read one of its destinations (compile/test_compiled_step.py)."""
     old = tuner_state(entry)
-    new, scale, scale_old, denom = tuner.step(old, sums, const, cfg, lr_ref(entry))
+    new, scale, scale_old, denom = tuner.step(old, sums, const, cfg, delta_unit(entry))
     for buf, value in zip(old, new):
         buf.copy_(value)
     entry["step"].add_(1)

@@ -1,6 +1,7 @@
 """The tuned part of one mechanized step as functions of explicit inputs (`Mechanic` sequences them
 around the base step): the sums of every group's plan, added over ranks (`sums`), and, after the base
-step, the tuner's step and every group's update (`update`)."""
+step, the tuner's step and every group's update (`update`); and the base step itself at its lrs times
+the tuner's `base_lr_factor` (`base_step_at`)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,43 @@ def nonfinite(sums: Tensor, grads: List[Tensor], joins_others: bool) -> bool:
     if bool(torch.isfinite(sums).all()):
         return False
     return joins_others or not all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def base_step_at(opt: Any, closure: Optional[Callable[[], Any]], loss: Any, factor: float) -> Any:
+    """The base step (`Mechanic._mechanic_base_step`) with every group's lr multiplied by `factor`
+    (`_state.base_lr_factor`: its update is then factor times the one at the group's lr, which
+    Mechanic's scale divides back out), and the lrs put back after it, whatever happens."""
+    if factor == 1.0:
+        return opt._mechanic_base_step(closure, loss)
+    groups = opt.param_groups
+    lrs = [group["lr"] for group in groups]
+    if not torch.compiler.is_compiling():
+        opt._mechanic_capturable = capturable(groups)
+    try:
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr * factor
+        return opt._mechanic_base_step(closure, loss)
+    finally:
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        if torch.compiler.is_compiling():
+            _restore_capturable(groups, opt._mechanic_capturable)
+
+
+_NO_KEY = object()
+
+
+def capturable(groups: List[Dict[str, Any]]) -> List[Any]:
+    """Each group's `capturable` (`_NO_KEY` where it has none), read outside compiled code."""
+    return [group.get("capturable", _NO_KEY) for group in groups]
+
+
+def _restore_capturable(groups: List[Dict[str, Any]], kept: List[Any]) -> None:
+    """torch.compile traces every optimizer group as capturable=True and, where the traced code writes
+    to a group (the lrs above), writes the group back as traced, capturable=True included: each group's
+    own value, read in the last eager step (or when the optimizer was made or loaded), is written back."""
+    for group, capturable in zip(groups, kept):
+        if capturable is _NO_KEY:
+            group.pop("capturable", None)
+        else:
+            group["capturable"] = capturable

@@ -95,6 +95,7 @@ class Mechanic(torch.optim.Optimizer):
         self._mechanic_run = _state.RunCache(cfg)  # the options a step runs with, resolved once
         self._mechanic_compiled: Optional[Callable[..., Any]] = None  # compile=True: the compiled step
         self._mechanic_log_count: Optional[int] = None  # host copy of the step count, logging only
+        self._mechanic_capturable = _step.capturable(self.__dict__.get("param_groups", []))
         # an lr-invariant tuner's reference lr is settled at its first step (`_state.settle_lr_ref`)
         groups = self.__dict__.get("param_groups") or [{}]
         self._mechanic_lr_ref_pending = _state.lr_ref_pending(groups[0].get(_state.TUNER_KEY))
@@ -213,11 +214,11 @@ class Mechanic(torch.optim.Optimizer):
             if cfg.skip_nonfinite and _skips(self, before.sums, gathered):
                 return _SKIPPED  # nothing was committed yet
             if self._mechanic_lr_ref_pending:
-                _state.settle_lr_ref(entry, self.param_groups[0])
+                _state.settle_lr_ref(entry, self.param_groups[0], cfg)
                 self._mechanic_lr_ref_pending = False
             state = _state.tuner_state(entry)
             applied = tuner.effective_scale(state, cfg).clone() if wants_applied else None
-        result = self._mechanic_base_step(closure, loss)
+        result = _step.base_step_at(self, closure, loss, entry.get(_state.BASE_LR_FACTOR, 1.0))
         with torch.no_grad():
             _step.update(before, gathered)
         return result, applied

@@ -162,10 +162,11 @@ def test_plain_base_checkpoint_starts_mechanic_from_there():
     problem.grad_step(x, 5)
     opt.step()
     for p, p0 in zip(x, at_switch):
-        # Mechanic starts at the switch point: Delta is the one base update since, x moved S of it (the
-        # default's first effective lr 1e-5 at lr 0.01: S = 1e-3)
+        # Mechanic starts at the switch point: Delta is the one base update since (at lr * factor), x
+        # moved S of the update at lr (the default's first effective lr 1e-5 at lr 0.01: S = 1e-3)
+        factor = opt.param_groups[0]["mechanic"]["base_lr_factor"]
         moved, delta = p.detach() - p0, opt.state[p]["mechanic_delta"]
-        torch.testing.assert_close(moved, 1e-3 * delta, rtol=1e-3, atol=1.2e-7)  # x's ulp, at |x| < 2
+        torch.testing.assert_close(moved, 1e-3 / factor * delta, rtol=1e-3, atol=1.2e-7)  # x's ulp, |x| < 2
         assert delta.abs().max() > 1e-3
 
 
@@ -212,7 +213,8 @@ def test_an_x_ref_checkpoint_resumes_with_delta():
     assert "mechanic_x_ref" not in state and state["mechanic_delta"].dtype == torch.float32
     # S * Delta = x - x_ref as loaded
     tuner = saved["param_groups"][0]["mechanic"]
-    scale = tuner["s"].sum() / tuner["lr_ref"]  # the default's S~, in the parameters' units
+    # the default's S~, in the units of Delta: the base's updates at lr * base_lr_factor
+    scale = tuner["s"].sum() / (tuner["lr_ref"] * tuner["base_lr_factor"])
     x_ref = saved["state"][0]["mechanic_x_ref"]
     rebuilt = x_ref + scale * state["mechanic_delta"].double()
     torch.testing.assert_close(rebuilt.float(), narrow[0].detach(), rtol=0, atol=1e-6)

@@ -290,6 +290,10 @@ def _spoil(kind):
             sd["state"]["_mechanic"] = {"s": torch.zeros(6)}
         elif kind == "betas":
             tuner["betas"] = (0.9,)
+        elif kind == "base lr factor not a power of two":
+            tuner["base_lr_factor"] = 3.0
+        elif kind == "base lr factor not a number":
+            tuner["base_lr_factor"] = "16"
         return sd
 
     return edit
@@ -309,6 +313,8 @@ MESSAGES = {
     "step": "step count",
     "mechanic-pytorch": "mechanic-pytorch checkpoint",
     "betas": "betas",
+    "base lr factor not a power of two": "base_lr_factor is not a power of two",
+    "base lr factor not a number": "base_lr_factor is not a power of two",
 }
 
 

@@ -168,16 +168,16 @@ def test_digits_mlp_trains_at_base_lr_1e_6():
 @pytest.mark.parametrize("Base", [torch.optim.SGD, torch.optim.Adam])
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
 def test_huge_finite_gradients_stay_finite_like_the_base(Base, skip_nonfinite):
-    """||g||^2 of 1e20 gradients overflows float32; the bare optimizer stays finite, so must we."""
+    """||g||^2 of 1e20 gradients overflows float32; the bare optimizer stays finite, so must we (the base
+    steps at its lr times base_lr_factor, 8192 for SGD here: it stays finite there too)."""
 
     def run(Opt):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(8, 4))
         opt = Opt([w], lr=1e-3)
         for step in range(6):
-            opt.zero_grad()
             scale = 1e20 if step in (2, 3) else 1.0
-            (scale * (w**2).sum()).backward()
+            w.grad = scale * torch.randn(8, 4)
             opt.step()
         return w.detach(), opt
 
