@@ -134,7 +134,10 @@ def mechanize(
             proportional to lr: the same effective lr and parameters at every step. None (the default):
             on for the paper variant, with the base's usual lr as the reference where group 0's is 0
             (a warmup's first lr), and a checkpoint's mode is kept when it is loaded; True refuses an lr
-            of 0; False is the paper's math as optax has it (S in units of whatever lr is given).
+            of 0; False is the paper's math as optax has it (S in units of whatever lr is given). In
+            this mode a base whose update is proportional to its lr (torch's SGD and Adam families,
+            RMSprop, Adadelta, Muon) takes its step at its lrs times a power of two, put back after the
+            step, so that a small base lr does not leave its update to the rounding of the weights.
         keep_workspace: keep the step's weight-sized flat buffer (the x_t copy) from step to step
             (None: on CPU, where a fresh one is page-faulted in at every step; not on accelerators,
             whose caching allocator lends the freed buffer to activations between steps).
