@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -99,30 +99,35 @@ def lr_ref_pending(entry: Optional[Dict[str, Any]]) -> bool:
     return entry is not None and "lr_ref" in entry and int(entry["step"]) == 0
 
 
-def settle_lr_ref(entry: Dict[str, Any], group: Dict[str, Any], cfg: MechanicConfig) -> None:
+def settle_lr_ref(
+    entry: Dict[str, Any], group: Dict[str, Any], cfg: MechanicConfig, dtypes: Set[torch.dtype]
+) -> None:
     """At the first step of an lr-invariant tuner, its reference lr from what the user gave: the lr an LR
     scheduler started group 0 from (`initial_lr`), else group 0's lr now, else the one it was made with.
     So scaling every lr the user gives (the optimizer's, a scheduler's max_lr or base_lr) by a constant
     scales the reference with them, whichever scheduler replaced the optimizer's lr when it was made.
-    With it, the factor the base's lrs are multiplied by in its step (`base_lr_factor`)."""
+    With it, the factor the base's lrs are multiplied by in its step (`base_lr_factor`), for parameters
+    of these `dtypes`."""
     for lr in (group.get("initial_lr"), group.get("lr")):
         if _is_positive(lr):
             entry["lr_ref"] = lr_value(lr)
             break
-    entry[BASE_LR_FACTOR] = base_lr_factor(cfg, entry["lr_ref"])
+    headroom = 1.0 if torch.float16 in dtypes else BASE_LR_HEADROOM
+    entry[BASE_LR_FACTOR] = base_lr_factor(cfg, entry["lr_ref"], headroom)
 
 
 # A base lr below this many times the base's usual lr is raised near it in the base's step: Mechanic's
 # scale on the base's updates, S * lr / (lr * factor), is then below 1 for effective lrs up to this many
-# times the usual one, and a scale <= 1 does not magnify the base's rounding. 2^60 keeps a float32 lr
-# tensor times the factor finite.
+# times the usual one, and a scale <= 1 does not magnify the base's rounding. float16 weights (largest
+# value 65504) get 1: their base steps at most at its usual lr, whose range its users train in. 2^60 keeps
+# a float32 lr tensor times the factor finite.
 BASE_LR_HEADROOM = 64.0
 _MAX_FACTOR_EXPONENT = 60
 
 
-def base_lr_factor(cfg: MechanicConfig, lr_ref: float) -> float:
+def base_lr_factor(cfg: MechanicConfig, lr_ref: float, headroom: float = BASE_LR_HEADROOM) -> float:
     """What the base's lrs are multiplied by in its step: for a base whose update is proportional to its
-    lr, and a reference lr below BASE_LR_HEADROOM times its usual lr, the power of two that brings lr_ref
+    lr, and a reference lr below `headroom` times its usual lr, the power of two that brings lr_ref
     nearest that; else 1. The base steps at lr * factor and Mechanic applies S / factor to its update:
     the same update, but the base's own rounding of x_base (half an ulp of x, in u = x_base - x_t) is that
     of a step at least as large as the one applied, where a small lr leaves u a few ulps of x and S > 1
@@ -131,7 +136,7 @@ def base_lr_factor(cfg: MechanicConfig, lr_ref: float) -> float:
     given lr keeps the range its user chose."""
     if not cfg.base_lr_proportional:
         return 1.0
-    exponent = round(math.log2(BASE_LR_HEADROOM * cfg.usual_lr / lr_ref))
+    exponent = round(math.log2(headroom * cfg.usual_lr / lr_ref))
     return 2.0 ** min(_MAX_FACTOR_EXPONENT, max(0, exponent))
 
 

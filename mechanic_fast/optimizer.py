@@ -214,7 +214,7 @@ class Mechanic(torch.optim.Optimizer):
             if cfg.skip_nonfinite and _skips(self, before.sums, gathered):
                 return _SKIPPED  # nothing was committed yet
             if self._mechanic_lr_ref_pending:
-                _state.settle_lr_ref(entry, self.param_groups[0], cfg)
+                _state.settle_lr_ref(entry, self.param_groups[0], cfg, {p.dtype for p in gathered.everything})
                 self._mechanic_lr_ref_pending = False
             state = _state.tuner_state(entry)
             applied = tuner.effective_scale(state, cfg).clone() if wants_applied else None

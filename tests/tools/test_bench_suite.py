@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import HANG_LIMIT_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +108,19 @@ def test_fast_right_runs_and_its_ratios_are_the_runs(tmp_path):
         [sys.executable, script, "--tables", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S
     )
     assert tables.returncode == 0 and tables.stdout.strip() in result.stdout, tables.stderr
+
+
+def test_tuner_trace_prints_the_tuners_state(tmp_path):
+    """bench/tuner_trace.py on a few steps: one row per `--every` steps, with the effective lr that
+    mechanic_scale * lr gives and one s_j per Mechanic beta."""
+    script = str(ROOT / "bench" / "tuner_trace.py")
+    args = ["--task", "regress", "--base", "sgd", "--steps", "6", "--every", "2"]
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_LIMIT_S
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [0, 2, 4], result.stdout
+    first_effective_lr = 1e-3  # SGD's: 1e-2 of its usual lr, at the first step
+    assert float(rows[0][2]) == pytest.approx(first_effective_lr, rel=1e-3)
+    assert all(len(r[4].strip("[]").split()) == 6 for r in rows)

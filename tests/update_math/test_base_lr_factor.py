@@ -31,6 +31,15 @@ def test_the_factor_brings_the_lr_near_64_usual_lrs_and_never_lowers_it(Base, lr
     assert opt.param_groups[0]["lr"] == lr
 
 
+@pytest.mark.parametrize("lr", [1e-5, 1e-3, 0.1])
+def test_float16_weights_step_the_base_at_most_at_its_usual_lr(lr):
+    """float16's range (65504): the base's x_base stays within a step at the base's usual lr."""
+    params = [torch.nn.Parameter(torch.randn(3, dtype=torch.float16)), torch.nn.Parameter(torch.randn(2))]
+    opt = mechanize(torch.optim.AdamW)(params, lr=lr)
+    random_grad_steps(opt, params, 1)
+    assert _factor(opt) == max(1.0, 2.0 ** round(math.log2(1e-3 / lr)))
+
+
 @pytest.mark.parametrize(
     "Base, options",
     [
@@ -110,7 +119,7 @@ def test_in_float64_the_factor_changes_nothing_but_rounding(Base, kwargs, monkey
     problem = make_problem()
     scaled, opt = run(lambda ps: mechanize(Base)(ps, lr=1e-5, **kwargs), problem, 40)
     assert _factor(opt) > 1000
-    monkeypatch.setattr(_state, "base_lr_factor", lambda cfg, lr_ref: 1.0)
+    monkeypatch.setattr(_state, "base_lr_factor", lambda *args: 1.0)
     plain, _ = run(lambda ps: mechanize(Base)(ps, lr=1e-5, **kwargs), problem, 40)
     for a, b in zip(scaled, plain):
         assert max_rel(a.detach(), b.detach()) < 1e-9, seed
@@ -119,7 +128,7 @@ def test_in_float64_the_factor_changes_nothing_but_rounding(Base, kwargs, monkey
 def test_a_checkpoint_made_without_the_factor_resumes_with_factor_1_exactly(monkeypatch):
     """Checkpoints of earlier versions: their Delta is the sum of the base's updates at its given lrs."""
     problem = make_problem(torch.float32)
-    monkeypatch.setattr(_state, "base_lr_factor", lambda cfg, lr_ref: 1.0)
+    monkeypatch.setattr(_state, "base_lr_factor", lambda *args: 1.0)
     x, opt = run(lambda ps: mechanize(torch.optim.AdamW)(ps, lr=1e-5), problem, 6)
     saved = copy.deepcopy(opt.state_dict())
     del saved["param_groups"][0]["mechanic"]["base_lr_factor"]
