@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -110,7 +111,9 @@ def _optimizer(method: str, base: str, lr: float, params, old: Optional[str]) ->
 def _candidate_options(method: str) -> Dict[str, Any]:
     if ":" not in method:
         return {}
-    pairs = [item.split("=") for item in method.split(":", 1)[1].split(",") if item]
+    # KEY=VALUE pairs split at commas outside brackets: a value may be a JSON list ("betas=[0.99,0.999]")
+    items = re.split(r",(?![^\[]*\])", method.split(":", 1)[1])
+    pairs = [item.split("=", 1) for item in items if item]
     return {key: json.loads(value) for key, value in pairs}
 
 
