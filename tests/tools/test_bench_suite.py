@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,17 @@ def test_tuner_trace_prints_the_tuners_state(tmp_path):
     first_effective_lr = 1e-3  # SGD's: 1e-2 of its usual lr, at the first step
     assert float(rows[0][2]) == pytest.approx(first_effective_lr, rel=1e-3)
     assert all(len(r[4].strip("[]").split()) == 6 for r in rows)
+
+
+def test_fast_right_candidates_take_json_lists():
+    """--candidate NAME:KEY=VALUE,...: a value may be a JSON list, whose commas do not split pairs (in a
+    process of its own: fast_right puts bench/ on sys.path)."""
+    code = (
+        "import json, fast_right; print(json.dumps(fast_right._candidate_options("
+        "'slow:betas=[0.999,0.9999],s_decay=0.1,store_delta=true')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True, timeout=HANG_LIMIT_S
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"betas": [0.999, 0.9999], "s_decay": 0.1, "store_delta": True}
