@@ -71,7 +71,7 @@ def mechanize(Base: OptimizerT, *args: Any, **options: Any) -> OptimizerT: ...
 def mechanize(
     Base: Any,
     s_decay: Optional[float] = None,
-    betas: Sequence[float] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999),
+    betas: Optional[Sequence[float]] = None,
     s_init: Optional[float] = None,
     eps: float = 1e-8,
     store_delta: Optional[bool] = None,
@@ -105,7 +105,9 @@ def mechanize(
             In the lr-invariant mode S there is measured against the tuner's own choice (S = 1), so that
             lambda is dimensionless, the same for every base and lr.
         betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
-            their scales (default 6 values ``1 - 10**-i``). These are not the base optimizer's betas:
+            their scales. None: the paper's 6 values ``1 - 10**-i`` (i = 1..6) for the paper variant
+            and mechanic_pytorch, the 4 slow ones (0.999..0.999999) in the lr-invariant mode; a
+            checkpoint's betas are kept when it is loaded. These are not the base optimizer's betas:
             Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
         s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch). In
             the lr-invariant mode, the first effective lr at the reference lr (None: 1e-2 of the base's
@@ -164,16 +166,13 @@ def mechanize(
 
 def _checked_options(options: Dict[str, Any], log_func: Any) -> MechanicConfig:
     """The options of `mechanize` as a validated config; warns about Adam-like betas."""
-    betas = options["betas"]
-    cfg = MechanicConfig(
-        **{**options, "betas": tuple(betas) if not isinstance(betas, (str, bytes)) else betas}
-    )
+    cfg = MechanicConfig(**options)
     if log_func is not None and not callable(log_func):
         raise TypeError(f"log_func must be callable, got {log_func!r}")
-    if len(cfg.betas) == 2 and cfg.betas[0] < cfg.betas[1]:
+    if cfg.betas is not None and len(cfg.betas) == 2 and cfg.betas[0] < cfg.betas[1]:
         warnings.warn(
             f"mechanize(betas={cfg.betas}) looks like an Adam (beta1, beta2) pair, but these are "
-            "Mechanic's betas: one tuner per value, whose scales are summed (default 6 values 1 - 10^-i). "
+            "Mechanic's betas: one tuner per value, whose scales are summed (the paper has 6, 1 - 10^-i). "
             "Adam's betas go to the base optimizer: mechanize(torch.optim.AdamW)(params, betas=(0.9, "
             "0.999)). Keep these if two tuners are what you meant.",
             UserWarning,

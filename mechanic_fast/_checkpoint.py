@@ -6,25 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _distributed, _gaps, _state, _torch, tuner
+from . import _distributed, _gaps, _saved_tuner, _state, _torch, tuner
 from ._config import MechanicConfig
-
-
-class Source(NamedTuple):
-    """How messages name where Mechanic's state comes from: a checkpoint being loaded, or the state an
-    optimizer holds when `mechanize(opt)` adopts it."""
-
-    owner: str  # "<owner> Mechanic s holds NaN"
-    made: str  # "<made> variant='paper', this optimizer has ..."
-
-
-CHECKPOINT = Source("checkpoint's", "checkpoint was saved with Mechanic")
-HELD = Source("the optimizer's held", "the Mechanic state this optimizer holds was made with")
+from ._saved_tuner import CHECKPOINT, HELD, Source
 
 
 def load(opt: Any, state_dict: Dict[str, Any], torch_load: Callable[[Dict[str, Any]], None]) -> None:
@@ -137,7 +126,7 @@ def _mechanic_part(
                 "(param_groups[0]['mechanic'] is missing)"
             )
         return None, {}
-    tuner_entry = _parse_tuner(opt, cfg, entry, id_map, source)
+    tuner_entry = _saved_tuner.parse(cfg, entry, id_map, source)
     auto = cfg.store_delta is None
     cfg = dataclasses.replace(cfg, store_delta=tuner_entry["store_delta"])
     records = _check_per_param(cfg, per_param, id_map, source)
@@ -172,72 +161,6 @@ def _id_map(opt: torch.optim.Optimizer, saved_groups: List[Dict[str, Any]]) -> D
             )
         id_map.update(zip(saved["params"], group["params"]))
     return id_map
-
-
-def _parse_tuner(
-    opt: torch.optim.Optimizer, cfg: MechanicConfig, entry: Any, id_map: Dict[Any, Tensor], source: Source
-) -> Dict[str, Any]:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{source.owner} param_groups[0]['mechanic'] is not a dict: {type(entry).__name__}")
-    options = _state.options(cfg)
-    if cfg.store_delta is None:  # left to us: the checkpoint's layout, whichever it is
-        theirs = entry.get("store_delta")
-        if not isinstance(theirs, bool):
-            raise ValueError(f"{source.owner} Mechanic store_delta is not a bool: {theirs!r}")
-        options["store_delta"] = theirs
-    for key, mine in options.items():
-        theirs = entry.get(key, False if key == "lr_invariant" else None)
-        if key == "betas" and isinstance(theirs, (list, tuple)):
-            theirs = tuple(float(b) for b in theirs)
-        if theirs != mine:
-            raise ValueError(f"{source.made} {key}={theirs!r}, this optimizer has {mine!r}")
-    saved_invariant = entry.get("lr_invariant", False)
-    if cfg.lr_invariant is not None and saved_invariant != cfg.lr_invariant:
-        raise ValueError(
-            f"{source.made} lr_invariant={saved_invariant!r}, this optimizer has {cfg.lr_invariant!r}"
-        )
-    if not isinstance(saved_invariant, bool):
-        raise ValueError(f"{source.owner} Mechanic lr_invariant is not a bool: {saved_invariant!r}")
-    cfg = cfg.resolved(saved_invariant)  # the default (None) keeps the checkpoint's mode
-    if saved_invariant:
-        options["lr_invariant"] = True
-    params = list(id_map.values())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = tuner.state_dtype(cfg, {p.dtype for p in params})
-    n = len(cfg.betas)
-    out: Dict[str, Any] = _parse_units(entry, source) if cfg.lr_invariant else {}
-    for name in tuner.TunerState._fields:
-        value = entry.get(name)
-        if not torch.is_tensor(value):
-            raise ValueError(f"{source.owner} Mechanic tuner has no tensor {name!r}")
-        if value.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"{source.owner} Mechanic {name} is {value.dtype}; the tuner is kept in float32 or float64"
-            )
-        if tuple(value.shape) != (n,):
-            raise ValueError(
-                f"{source.owner} Mechanic {name} has shape {tuple(value.shape)}, expected ({n},)"
-            )
-        if not bool(torch.isfinite(value).all()):  # a sync, fine at load time
-            raise ValueError(f"{source.owner} Mechanic {name} holds NaN or Inf")
-        if name != "r" and bool((value < 0).any()):  # s, m, v are >= 0 in both variants
-            raise ValueError(f"{source.owner} Mechanic {name} holds negative values: {value.tolist()}")
-        out[name] = _distributed.local(value).detach().to(device=device, dtype=dtype, copy=True)
-    step = entry.get("step")
-    if not torch.is_tensor(step) or step.dtype.is_floating_point or step.dim() != 0 or int(step) < 0:
-        raise ValueError(f"{source.owner} Mechanic step count is not a 0-d integer tensor >= 0: {step!r}")
-    out["step"] = step.detach().to(device=device, dtype=torch.int64, copy=True)
-    out.update(options)
-    return out
-
-
-def _parse_units(entry: Dict[str, Any], source: Any) -> Dict[str, Any]:
-    """An lr-invariant tuner's reference lr and base lr factor (none in earlier versions' checkpoints)."""
-    out = {"lr_ref": _state.reference_lr(entry.get("lr_ref"))}
-    factor = entry.get(_state.BASE_LR_FACTOR, 1.0)
-    if not _state.is_power_of_two(factor):
-        raise ValueError(f"{source.owner} Mechanic {_state.BASE_LR_FACTOR} is not a power of two: {factor!r}")
-    return {**out, _state.BASE_LR_FACTOR: float(factor)} if _state.BASE_LR_FACTOR in entry else out
 
 
 def _applied_scale(entry: Dict[str, Any], cfg: MechanicConfig, ours: Dict[str, Tensor]) -> float:

@@ -15,6 +15,12 @@ BACKENDS = ("auto", "foreach", "triton")
 # Each variant's own default for s_init (with 1e-8 the paper math starts far slower).
 DEFAULT_S_INIT = {"paper": 1e-6, "mechanic_pytorch": 1e-8}
 DEFAULT_S_DECAY = 0.01
+# Mechanic's betas, one tuner per value: the paper's six, 1 - 10^-i for i = 1..6 (its variants keep them).
+# The lr-invariant mode drops the two fast tuners (memories of 10 and 100 steps): their bettors are
+# scale-free in the inner product h, so a run of tiny same-signed h once a task is near interpolation
+# grows their scale until a step is unstable; the slow ones hold it (docs/lr_invariant.md).
+PAPER_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+INVARIANT_BETAS = PAPER_BETAS[2:]
 # The lr-invariant mode (docs/lr_invariant.md) measures S in units of the reference lr and reads lambda as
 # the paper's, dimensionless, so both modes share DEFAULT_S_DECAY. Its first effective lr is 1e-2 of the
 # base's usual lr (1e-5 for Adam-like bases, 1e-3 for SGD): the paper's s_init at the usual lr, 1e-6 of
@@ -50,7 +56,8 @@ def usual_lr(base: type) -> float:
 @dataclass(frozen=True)
 class MechanicConfig:
     s_decay: Optional[float] = None  # lambda in the paper; None: 0.01
-    betas: Tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+    # None: the mode's (PAPER_BETAS, INVARIANT_BETAS); a checkpoint's are kept when loaded
+    betas: Optional[Tuple[float, ...]] = None
     s_init: Optional[float] = None
     eps: float = 1e-8
     store_delta: Optional[bool] = None  # None: True (Delta kept; a checkpoint's x_ref-only layout converted)
@@ -76,14 +83,8 @@ class MechanicConfig:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
-        if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, Iterable):
-            raise ValueError(f"betas must be a sequence of real numbers, got {self.betas!r}")
-        betas = tuple(_real("every beta", b) for b in self.betas)
-        if not betas:
-            raise ValueError("betas must not be empty")
-        if not all(0.0 < b < 1.0 for b in betas):
-            raise ValueError(f"every beta must lie in (0, 1), got {betas}")
-        object.__setattr__(self, "betas", betas)
+        if self.betas is not None:
+            object.__setattr__(self, "betas", checked_betas(self.betas))
         if self.lr_invariant is not None and not isinstance(self.lr_invariant, bool):
             raise ValueError(f"lr_invariant must be None or a bool, got {self.lr_invariant!r}")
         if self.lr_invariant and self.variant != "paper":
@@ -133,16 +134,30 @@ class MechanicConfig:
         return self.lr_invariant if self.lr_invariant is not None else self.variant == "paper"
 
     def resolved(self, invariant: bool) -> MechanicConfig:
-        """This config for a tuner in the given mode: `lr_invariant` set, and `s_init` and `s_decay` left
-        at None given that mode's defaults (the variant's; in the lr-invariant mode s_init is a value of
-        the effective lr, INVARIANT_S_INIT_FRACTION of the base's usual lr)."""
+        """This config for a tuner in the given mode: `lr_invariant` set, and `betas`, `s_init` and
+        `s_decay` left at None given that mode's defaults (the variant's; in the lr-invariant mode s_init
+        is a value of the effective lr, INVARIANT_S_INIT_FRACTION of the base's usual lr)."""
         s_init = INVARIANT_S_INIT_FRACTION * self.usual_lr if invariant else DEFAULT_S_INIT[self.variant]
+        betas = INVARIANT_BETAS if invariant else PAPER_BETAS
         return replace(
             self,
             lr_invariant=invariant,
+            betas=betas if self.betas is None else self.betas,
             s_init=s_init if self.s_init is None else self.s_init,
             s_decay=DEFAULT_S_DECAY if self.s_decay is None else self.s_decay,
         )
+
+
+def checked_betas(betas: object) -> Tuple[float, ...]:
+    """Mechanic's betas as a tuple of floats: a non-empty sequence of real numbers in (0, 1)."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
+        raise ValueError(f"betas must be a sequence of real numbers, got {betas!r}")
+    values = tuple(_real("every beta", b) for b in betas)
+    if not values:
+        raise ValueError("betas must not be empty")
+    if not all(0.0 < b < 1.0 for b in values):
+        raise ValueError(f"every beta must lie in (0, 1), got {values}")
+    return values
 
 
 def _real(name: str, value: object, positive: bool = False) -> float:

@@ -155,11 +155,8 @@ def lr_ref(entry: Dict[str, Any]) -> float:
 
 
 def is_power_of_two(value: Any) -> bool:
-    """Whether `value` is a real number 2^k (a `base_lr_factor`)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    number = float(value)
-    return math.isfinite(number) and number > 0 and math.frexp(number)[0] == 0.5
+    """Whether `value` is a real number 2^k (a `base_lr_factor`), read as `lr_value` reads an lr."""
+    return _is_positive(value) and math.frexp(lr_value(value))[0] == 0.5
 
 
 def delta_unit(entry: Dict[str, Any]) -> float:
@@ -171,9 +168,9 @@ def delta_unit(entry: Dict[str, Any]) -> float:
 
 def run_config(cfg: MechanicConfig, entry: Dict[str, Any]) -> MechanicConfig:
     """The options a step runs with: `cfg` with what the tuner `entry` decided when it was made or
-    loaded (`store_delta`, the mode) and that mode's defaults for what was left at None."""
+    loaded (`store_delta`, the betas, the mode) and that mode's defaults for what was left at None."""
     store_delta, invariant = entry["store_delta"], entry.get("lr_invariant", False)
-    return dataclasses.replace(cfg, store_delta=store_delta).resolved(invariant)
+    return dataclasses.replace(cfg, store_delta=store_delta, betas=entry["betas"]).resolved(invariant)
 
 
 class RunCache:
@@ -185,10 +182,11 @@ class RunCache:
         self.run: Optional[Tuple[Any, MechanicConfig, tuner.Constants]] = None
 
     def get(self, entry: Dict[str, Any]) -> Tuple[MechanicConfig, tuner.Constants]:
-        key = (entry["store_delta"], entry.get("lr_invariant", False), entry["s"].device, entry["s"].dtype)
+        s = entry["s"]
+        key = (entry["store_delta"], entry.get("lr_invariant", False), entry["betas"], s.device, s.dtype)
         if self.run is None or self.run[0] != key:
             cfg = run_config(self.cfg, entry)
-            self.run = (key, cfg, tuner.constants(cfg, key[2], key[3]))
+            self.run = (key, cfg, tuner.constants(cfg, s.device, s.dtype))
         return self.run[1], self.run[2]
 
 

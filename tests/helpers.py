@@ -156,17 +156,18 @@ def small_mlp():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)  # the paper's, written out
 
 
 def default_mode(Base, lr):
     """`reference_trajectory`'s arguments for mechanize(Base)'s lr-invariant default at base lr `lr` (its
     reference lr), in the paper's units: S = S~ / lr, so s_init / lr; the lambda term at S = 1; Delta
-    recomputed without eps. The tuner's eps stays in other units, so the two agree to about 1e-5."""
+    recomputed without eps; its betas. The tuner's eps stays in other units, so the two agree to about
+    1e-5."""
     from mechanic_fast import mechanize
 
-    s_init = mechanize(Base)._mechanic_spec.config.resolved(True).s_init
-    return dict(s_init=s_init / lr, unit_decay=True, recompute_eps=0.0)
+    cfg = mechanize(Base)._mechanic_spec.config.resolved(True)
+    return dict(s_init=cfg.s_init / lr, unit_decay=True, recompute_eps=0.0, betas=cfg.betas)
 
 
 def reference_trajectory(
@@ -184,6 +185,7 @@ def reference_trajectory(
     gaps=None,
     recompute_eps=None,
     unit_decay=False,
+    betas=BETAS,
 ):
     """Obviously-correct float64 Mechanic: Python loops, one tensor at a time, Python floats for the tuner.
 
@@ -192,12 +194,13 @@ def reference_trajectory(
     only in the steps where it has a gradient, and then x = x_ref + S * Delta (Delta not stored:
     (x_t - x_ref) / (S_p + `recompute_eps`, default eps), S_p the S its x was last made with).
     `unit_decay`: the lambda term at S = 1, as the lr-invariant default has it (`default_mode`).
+    `betas`: one tuner per value, the paper's six by default.
     """
     all_x = problem.params()
     base = make_base(all_x) if make_base else Base(all_x, **kwargs)
     x = [p for i, p in enumerate(all_x) if i not in frozen]
     index = [i for i in range(len(all_x)) if i not in frozen]
-    n = len(BETAS)
+    n = len(betas)
     s, r, m, v = [s_init] * n, [0.0] * n, [0.0] * n, [0.0] * n
     x_ref = [p.detach().clone() for p in x]
     stored = [torch.zeros_like(p) for p in x]
@@ -228,7 +231,7 @@ def reference_trajectory(
         base.step()
         with torch.no_grad():
             u = [p - xt for p, xt in zip(x, x_t)]
-            for j, beta in enumerate(BETAS):
+            for j, beta in enumerate(betas):
                 m_new = max(beta * m[j], abs(h) + eps)
                 v[j] = beta**2 * v[j] + h * h
                 r[j] = beta * r[j] - min(max(h, -m[j]), m[j]) * s[j]

@@ -93,7 +93,8 @@ def test_state_dict_holds_all_mechanic_state_in_torchs_places(tmp_path):
         assert set(sd["state"][i]) == {"step", "exp_avg", "exp_avg_sq", "mechanic_delta"}
         assert sd["state"][i]["mechanic_delta"].shape == p.shape
     tuner = sd["param_groups"][0]["mechanic"]
-    assert tuner["s"].shape == (6,) and tuner["step"].item() == 3 and tuner["variant"] == "paper"
+    assert tuner["s"].shape == (4,) and tuner["step"].item() == 3 and tuner["variant"] == "paper"
+    assert tuner["betas"] == (0.999, 0.9999, 0.99999, 0.999999)  # the lr-invariant default's four
     torch.save(sd, tmp_path / "o.pt")
     back = torch.load(tmp_path / "o.pt", weights_only=True)
     assert torch.equal(back["param_groups"][0]["mechanic"]["s"], tuner["s"])

@@ -124,7 +124,7 @@ def test_tuner_trace_prints_the_tuners_state(tmp_path):
     assert [int(r[0]) for r in rows] == [0, 2, 4], result.stdout
     first_effective_lr = 1e-3  # SGD's: 1e-2 of its usual lr, at the first step
     assert float(rows[0][2]) == pytest.approx(first_effective_lr, rel=1e-3)
-    assert all(len(r[4].strip("[]").split()) == 6 for r in rows)
+    assert all(len(r[4].strip("[]").split()) == 4 for r in rows)  # the default's four tuners
 
 
 def test_fast_right_candidates_take_json_lists():

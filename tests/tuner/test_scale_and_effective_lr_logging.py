@@ -62,8 +62,8 @@ def test_s_init_defaults_per_variant():
     params = [torch.nn.Parameter(torch.zeros(3))]
     paper = mechanize(torch.optim.SGD, lr_invariant=False)(params, lr=0.1)
     assert paper.mechanic_scale.item() == pytest.approx(6e-6)
-    # the lr-invariant default: 6 tuners at 1e-2 of SGD's usual lr (1e-3), in units of the reference lr 0.1
-    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(6e-2)
+    # the lr-invariant default: 4 tuners at 1e-2 of SGD's usual lr (1e-3), in units of the reference lr 0.1
+    assert mechanize(torch.optim.SGD)(params, lr=0.1).mechanic_scale.item() == pytest.approx(4e-2)
     assert mechanize(torch.optim.SGD, variant="mechanic_pytorch")(params, lr=0.1).mechanic_scale.item() == 0.0
 
 
@@ -81,7 +81,7 @@ def test_log_numbering_continues_from_a_checkpoint_saved_without_logging():
 @pytest.mark.parametrize(
     "options,before,after",
     [
-        ({}, 6e-2, 1e-2),  # the default at Adam's usual lr: a first effective lr of 1e-5
+        ({}, 4e-2, 1e-2),  # the default (4 tuners) at Adam's usual lr: a first effective lr of 1e-5
         ({"lr_invariant": False}, 6e-6, 1e-6),
         ({"variant": "mechanic_pytorch"}, 0.0, sum(1 - 10.0**-i for i in range(1, 7)) * 1e-6 / 6),
     ],
