@@ -16,7 +16,8 @@ batch losses) and the held-out loss. Per task, base and horizon (means over seed
   role here is the "fast" reference);
 - tuned: the base at the best lr of a grid (AdamW 1e-4..3e-2, SGD 1e-2..1).
 "fast" is default / mechanic-pytorch's best on training loss; "right" is default / tuned on held-out loss.
-A run whose loss turns non-finite counts as diverged (inf).
+A run whose loss turns non-finite counts as diverged (inf). A second table gives the worst cell per task
+and horizon over the bases, with mechanic-pytorch at its worst lr and the base at the worst lr of its grid.
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def summarise(results: Dict[Tuple, Dict[int, Tuple[float, float]]]) -> List[Dict
             row: Dict[str, Any] = {"task": task, "base": base, "steps": h, "mechanics": {}}
             mp = cells("mechanic_pytorch", 0)
             row["mp_best_train"], row["mp_worst_train"] = (min(mp), max(mp)) if mp else (math.nan, math.nan)
+            row["mp_worst_held_out"] = max(cells("mechanic_pytorch", 1), default=math.nan)
             row["tuned_train"], row["tuned_held_out"] = min(cells("tuned", 0)), min(cells("tuned", 1))
+            row["grid_worst_held_out"] = max(cells("tuned", 1))
             for method in mechanics:
                 train, held_out = cells(method, 0)[0], cells(method, 1)[0]
                 row["mechanics"][method] = {
@@ -233,6 +236,32 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def worst(rows: List[Dict[str, Any]]) -> str:
+    """The worst cell per task and horizon, over the bases: fast / right of each Mechanic default; of
+    mechanic-pytorch at its worst lr (first horizon only); right of the base at the worst lr of its grid."""
+    mechanics = sorted({m for r in rows for m in r["mechanics"]}, key=_order)
+    head = "| task | steps |" + "".join(f" {m.split(':')[0]} fast / right |" for m in mechanics)
+    head += " mechanic-pytorch, worst lr: fast / right | base, worst lr of its grid: right |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    first = min(r["steps"] for r in rows)
+    for task, steps in sorted({(r["task"], r["steps"]) for r in rows}):
+        group = [r for r in rows if (r["task"], r["steps"]) == (task, steps)]
+        line = f"| {task} | {steps} |"
+        for m in mechanics:
+            cells = [r["mechanics"][m] for r in group if m in r["mechanics"]]
+            fast = f"{max(c['fast'] for c in cells):.2f}" if steps == first else "–"
+            line += f" {fast} / {max(c['right'] for c in cells):.2f} |"
+        if steps == first:
+            mp_fast = max(r["mp_worst_train"] / r["mp_best_train"] for r in group)
+            mp_right = max(r["mp_worst_held_out"] / r["tuned_held_out"] for r in group)
+            line += f" {mp_fast:.3g} / {mp_right:.3g} |"
+        else:
+            line += " – |"
+        line += f" {max(r['grid_worst_held_out'] / r['tuned_held_out'] for r in group):.3g} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def load_runs(paths: List[str]) -> Dict[Tuple, Dict[int, Tuple[float, float]]]:
     """The runs of --json files, as `summarise` takes them."""
     runs = {}
@@ -257,7 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tables", nargs="+", help="print the table of the runs saved by --json")
     args = parser.parse_args(argv)
     if args.tables:
-        print(markdown(summarise(load_runs(args.tables))))
+        rows = summarise(load_runs(args.tables))
+        print(markdown(rows) + "\n\n" + worst(rows))
         return 0
     start = time.perf_counter()
     jobs = _jobs(args)
@@ -265,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         outputs = pool.map(run, jobs, chunksize=1)
     results = {job[:5]: out for job, out in zip(jobs, outputs)}
     rows = summarise(results)
-    print(markdown(rows))
+    print(markdown(rows) + "\n\n" + worst(rows))
     print(f"({len(jobs)} runs, {time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

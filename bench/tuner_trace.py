@@ -2,9 +2,11 @@
 inner product h and each tuner's s_j, r_j and sqrt(v_j), every `--every` steps and at every loss spike.
 
     python bench/tuner_trace.py --task digits --base adamw --steps 3000 [--seed 0] [--every 100]
+                                [--betas 0.9,0.99,0.999,0.9999,0.99999,0.999999]
 
-The default (mechanize(Base)) at base lr 1e-2, as fast_right measures it; a spike is a step whose batch
-loss is above 1e-3 and ten times the one before.
+The default (mechanize(Base)) at base lr 1e-2, as fast_right measures it, or with the Mechanic betas
+given; a spike is a step whose batch loss is above 1e-3 and ten times the one before. The last line
+counts the spikes.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--betas", help="Mechanic's betas, comma-separated (default: the default's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     make_model, loss_fn, _, _ = fast_right._task(args.task, args.seed)
     torch.manual_seed(args.seed)
     model = make_model()
     Base, options = fast_right.BASES[args.base]
-    opt = mechanize(Base)(model.parameters(), lr=LR, **options)
+    betas = None if args.betas is None else [float(b) for b in args.betas.split(",")]
+    opt = mechanize(Base, betas=betas)(model.parameters(), lr=LR, **options)
     seen: List[float] = []
     inner_product = tuner.inner_product
 
@@ -52,7 +56,7 @@ def main() -> None:
         return h
 
     tuner.inner_product = traced
-    previous = None
+    previous, spikes = None, 0
     print("step | batch loss | effective lr | h | s_j | r_j | sqrt(v_j)")
     for t in range(args.steps):
         opt.zero_grad()
@@ -61,6 +65,7 @@ def main() -> None:
         opt.step()
         value = loss.item()
         spike = previous is not None and value > 1e-3 and value > 10 * previous
+        spikes += spike
         if t % args.every == 0 or spike:
             entry = opt.param_groups[0]["mechanic"]
             print(
@@ -69,6 +74,7 @@ def main() -> None:
                 f"{_fmt(entry['v'].sqrt().tolist())}" + (" | spike" if spike else "")
             )
         previous = value
+    print(f"{spikes} spikes in {args.steps} steps")
 
 
 if __name__ == "__main__":

@@ -113,14 +113,16 @@ def test_fast_right_runs_and_its_ratios_are_the_runs(tmp_path):
 
 def test_tuner_trace_prints_the_tuners_state(tmp_path):
     """bench/tuner_trace.py on a few steps: one row per `--every` steps, with the effective lr that
-    mechanic_scale * lr gives and one s_j per Mechanic beta."""
+    mechanic_scale * lr gives and one s_j per Mechanic beta, then the count of loss spikes."""
     script = str(ROOT / "bench" / "tuner_trace.py")
     args = ["--task", "regress", "--base", "sgd", "--steps", "6", "--every", "2"]
     result = subprocess.run(
         [sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_LIMIT_S
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line.split(" | ") for line in result.stdout.splitlines()[1:]]
+    *table, count = result.stdout.splitlines()[1:]
+    rows = [line.split(" | ") for line in table]
+    assert count == "0 spikes in 6 steps", result.stdout
     assert [int(r[0]) for r in rows] == [0, 2, 4], result.stdout
     first_effective_lr = 1e-3  # SGD's: 1e-2 of its usual lr, at the first step
     assert float(rows[0][2]) == pytest.approx(first_effective_lr, rel=1e-3)
