@@ -105,10 +105,11 @@ def mechanize(
             In the lr-invariant mode S there is measured against the tuner's own choice (S = 1), so that
             lambda is dimensionless, the same for every base and lr.
         betas: Mechanic's own betas: one tuner per value, each with its own discount, and S is the sum of
-            their scales. None: the paper's 6 values ``1 - 10**-i`` (i = 1..6) for the paper variant
-            and mechanic_pytorch, the 4 slow ones (0.999..0.999999) in the lr-invariant mode; a
-            checkpoint's betas are kept when it is loaded. These are not the base optimizer's betas:
-            Adam's ``(beta1, beta2)`` go to the base, ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
+            their scales. None: the paper's 6 values ``1 - 10**-i`` (i = 1..6) with
+            ``lr_invariant=False`` and for mechanic_pytorch, the 4 slow ones (0.999..0.999999) in the
+            lr-invariant mode; a checkpoint's betas are kept when it is loaded. These are
+            not the base optimizer's betas: Adam's ``(beta1, beta2)`` go to the base,
+            ``mechanize(AdamW)(params, betas=(0.9, 0.999))``.
         s_init: S of the first update (None: 1e-6 for the paper variant, 1e-8 for mechanic_pytorch). In
             the lr-invariant mode, the first effective lr at the reference lr (None: 1e-2 of the base's
             usual lr: 1e-5 for Adam-like bases, 1e-3 for SGD).
